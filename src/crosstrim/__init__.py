@@ -1,0 +1,19 @@
+"""crosstrim: trim the image features cross-attention vision-language models attend to.
+
+Reference implementation of Trimmed Llama (Lee et al., arXiv 2504.00557) for Hugging Face
+``MllamaForConditionalGeneration`` (Llama-3.2-Vision)::
+
+    handle = crosstrim.trim(model, crosstrim.TrimConfig(k_ratio=0.25))
+    model.generate(**inputs)     # trimmed prefill and decode
+    handle.stats                 # what the last prefill kept
+    handle.remove()              # back to the original model
+
+The method itself lives in :mod:`crosstrim.method` and works on plain tensors.
+"""
+
+from crosstrim.config import TrimConfig
+from crosstrim.mllama import TrimHandle, TrimStats, trim, trimmed
+
+__version__ = "0.1.0"
+
+__all__ = ["TrimConfig", "TrimHandle", "TrimStats", "trim", "trimmed", "__version__"]

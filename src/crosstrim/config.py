@@ -1,0 +1,99 @@
+"""`TrimConfig`: what to trim and how, validated when it is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Method = Literal["trimmed", "mean", "random", "uniform"]
+METHODS: tuple[str, ...] = ("trimmed", "mean", "random", "uniform")
+
+
+@dataclass(frozen=True)
+class TrimConfig:
+    """How crosstrim selects the image features that later cross-attention layers see.
+
+    Two budgets, exactly one of which applies:
+
+    * ``k_ratio`` (``method="trimmed"`` only, the paper's rule): every attention head of the first
+      cross-attention layer keeps its top ``ceil(k_ratio * valid tokens)`` image tokens and the union
+      over heads is kept. The kept fraction therefore *adapts* to the input: heads that agree keep
+      little, heads that disagree keep more.
+    * ``keep_ratio``: exactly ``ceil(keep_ratio * valid tokens)`` tokens of every image are kept. This
+      is how the baselines run and how methods are compared at equal cost.
+
+    ``1.0`` for either ratio is the identity: nothing is dropped (padding tiles included), so the
+    model's outputs are bit-identical to the unpatched model.
+
+    Attributes:
+        method: ``"trimmed"`` (attention scores, union of per-head top-k; with ``keep_ratio`` the
+            union is grown head-rank by head-rank until the budget is met), ``"mean"`` (scores
+            summed over heads, one global top-k), ``"random"`` (seeded) or ``"uniform"`` (evenly
+            strided positions inside every tile).
+        k_ratio: per-head top-k fraction for ``method="trimmed"``; defaults to 0.25 (the paper's
+            main setting) when neither ratio is given.
+        keep_ratio: exact kept fraction; required by the baselines.
+        seed: seed of the ``random`` baseline's generator.
+        trim_first_layer_cache: also shrink the first cross-attention layer's KV cache to the kept
+            tokens after prefill, so decoding reads only kept features everywhere. Off by default,
+            as in the paper: the first layer scores with all features and keeps them.
+        score_chunk_elements: upper bound on the attention-probability elements materialised at
+            once while scoring (query rows are processed in chunks), so scoring a long prompt
+            on a large batch never allocates gigabytes.
+    """
+
+    method: Method = "trimmed"
+    k_ratio: float | None = None
+    keep_ratio: float | None = None
+    seed: int = 0
+    trim_first_layer_cache: bool = False
+    score_chunk_elements: int = 1 << 25
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.k_ratio is not None and self.keep_ratio is not None:
+            raise ValueError("give either k_ratio (adaptive, per-head top-k) or keep_ratio (exact budget), not both")
+        if self.method == "trimmed" and self.k_ratio is None and self.keep_ratio is None:
+            object.__setattr__(self, "k_ratio", 0.25)
+        if self.method != "trimmed" and self.k_ratio is not None:
+            raise ValueError(f"k_ratio applies to method='trimmed' only; use keep_ratio with method={self.method!r}")
+        if self.method != "trimmed" and self.keep_ratio is None:
+            raise ValueError(f"method={self.method!r} needs keep_ratio, e.g. keep_ratio=0.5")
+        for name in ("k_ratio", "keep_ratio"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number in (0, 1], got {type(value).__name__}")
+            if not (math.isfinite(value) and 0.0 < value <= 1.0):
+                raise ValueError(f"{name} must be in (0, 1], got {value}; e.g. {name}=0.25")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if not isinstance(self.trim_first_layer_cache, bool):
+            raise TypeError("trim_first_layer_cache must be True or False")
+        if isinstance(self.score_chunk_elements, bool) or not isinstance(self.score_chunk_elements, int):
+            raise TypeError("score_chunk_elements must be an int")
+        if self.score_chunk_elements < 1:
+            raise ValueError(f"score_chunk_elements must be >= 1, got {self.score_chunk_elements}")
+
+    @property
+    def ratio(self) -> float:
+        """The budget ratio in force (``k_ratio`` or ``keep_ratio``)."""
+        return self.k_ratio if self.k_ratio is not None else self.keep_ratio  # type: ignore[return-value]
+
+    @property
+    def is_identity(self) -> bool:
+        """True when nothing is trimmed (ratio 1.0)."""
+        return self.ratio == 1.0
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether selection reads attention scores (the random/uniform baselines do not)."""
+        return self.method in ("trimmed", "mean") and not self.is_identity
+
+    def describe(self) -> str:
+        """A short label such as ``trimmed k=0.25`` for tables and logs."""
+        budget = f"k={self.k_ratio:g}" if self.k_ratio is not None else f"keep={self.keep_ratio:g}"
+        return f"{self.method} {budget}"

@@ -1,0 +1,252 @@
+"""The method on plain tensors: score image tokens, select, gather. No model, no transformers.
+
+Shapes use ``B`` batch, ``H`` query heads, ``G`` KV heads, ``L`` text rows, ``N`` image tokens,
+``K`` kept slots, ``D`` features. Additive masks follow transformers: ``0`` allowed, dtype-min
+masked. Everything here is deterministic for a given input (the random baseline takes its
+generator), so a model integration can be checked against these functions directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crosstrim.config import TrimConfig
+
+
+def budget(valid_count: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``ceil(ratio * valid_count)`` per row, robust to float noise (0.1 * 30 is 3, not 4)."""
+    return torch.ceil(valid_count.to(torch.float64) * ratio - 1e-6).clamp(min=0).to(torch.long)
+
+
+def scoring_rows(
+    full_text_row_masked_out_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    length: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Text rows ``(B, L)`` whose attention may score image tokens.
+
+    transformers turns rows that may attend no image token (text before ``<|image|>``, left
+    padding) into all-zero additive masks, i.e. uniform attention over every token, so the
+    additive mask alone cannot tell them from rows that may attend everything. They are
+    excluded through ``full_text_row_masked_out_mask`` (``(B, 1, L, 1)``, 0 for such rows) and
+    padding through the 2-D ``attention_mask`` (its last ``L`` columns are this call's rows).
+    """
+    rows = torch.ones(batch, length, dtype=torch.bool, device=device)
+    if full_text_row_masked_out_mask is not None:
+        rows &= full_text_row_masked_out_mask.reshape(batch, length).to(device) != 0
+    if attention_mask is not None and attention_mask.dim() == 2:
+        rows &= attention_mask[:, -length:].to(device) != 0
+    return rows
+
+
+def valid_tokens(additive_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Image tokens ``(B, N)`` that at least one scoring row may attend.
+
+    Padding tiles (and images a sample does not have) are masked for every row, so they are
+    never valid and can never be kept.
+    """
+    allowed = additive_mask[:, 0] == 0  # (B, L, N)
+    return (allowed & rows[:, :, None]).any(dim=1)
+
+
+def attention_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    additive_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    scaling: float,
+    max_elements: int = 1 << 25,
+) -> torch.Tensor:
+    """Attention each image token receives, per head: softmax weights summed over scoring rows.
+
+    Args:
+        query: ``(B, H, L, d)`` queries after the layer's ``q_norm``.
+        key: ``(B, G, N, d)`` keys after ``k_norm``; ``H`` must be a multiple of ``G`` (GQA).
+        additive_mask: ``(B, 1, L, N)`` additive cross-attention mask or ``None``.
+        rows: ``(B, L)`` bool, the rows that count (see :func:`scoring_rows`).
+        scaling: softmax temperature, ``d ** -0.5`` in Mllama.
+        max_elements: bound on probabilities materialised at once; query rows are chunked to fit,
+            which is why an 11B prompt of thousands of tokens can be scored in little memory.
+
+    Returns:
+        ``(B, H, N)`` float32 scores. They equal the layer's eager attention weights summed over
+        ``rows``; computing them beside the real attention keeps sdpa/flash usable everywhere.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads, tokens = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} KV heads")
+    groups = heads // kv_heads
+    key_t = key.transpose(-1, -2)[:, :, None]  # (B, G, 1, d, N)
+    scores = torch.zeros(batch, heads, tokens, dtype=torch.float32, device=query.device)
+    chunk = max(1, max_elements // max(1, batch * heads * tokens))
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        weight = rows[:, start:stop]
+        if not bool(weight.any()):
+            continue
+        q = query[:, :, start:stop].reshape(batch, kv_heads, groups, stop - start, dim)
+        logits = torch.matmul(q, key_t) * scaling  # (B, G, groups, l, N)
+        logits = logits.reshape(batch, heads, stop - start, tokens)
+        if additive_mask is not None:
+            logits = logits + additive_mask[:, :, start:stop]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        scores += torch.einsum("bhln,bl->bhn", probs, weight.to(torch.float32))
+    return scores
+
+
+def _keep_top(key: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(B, N)``: the ``count[b]`` largest entries of ``key[b]`` (stable on ties)."""
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))
+    return ranks < count[:, None]
+
+
+def _head_ranks(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rank ``(B, H, N)`` of every token within its head (0 = most attended); invalid tokens last."""
+    masked = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def union_topk(scores: torch.Tensor, valid: torch.Tensor, k_ratio: float) -> torch.Tensor:
+    """The paper's rule: every head keeps its top ``ceil(k_ratio * valid)`` tokens; keep the union.
+
+    Returns ``(B, N)`` bool. The kept count is not fixed: it grows when heads look at different
+    tokens, which is how the method adapts its budget to the input.
+    """
+    k = budget(valid.sum(-1), k_ratio)
+    return (_head_ranks(scores, valid) < k[:, None, None]).any(dim=1) & valid
+
+
+def union_budget(scores: torch.Tensor, valid: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Exactly ``ceil(keep_ratio * valid)`` tokens, chosen the way :func:`union_topk` chooses.
+
+    Tokens are ordered by their best rank over heads (every head's top-1, then every head's
+    top-2, ...), ties broken by the highest single-head score. A prefix of that order is the
+    union of per-head top-k for growing k, so the fixed budget keeps what the adaptive rule
+    would keep, cut at the requested size.
+    """
+    best_rank = _head_ranks(scores, valid).min(dim=1).values.to(torch.float64)
+    best_score = scores.max(dim=1).values.to(torch.float64)
+    # Rank dominates; the score (a softmax sum, bounded by L) only breaks ties within a rank.
+    squashed = best_score / (1.0 + best_score.abs())
+    key = (-best_rank + 0.5 * squashed).masked_fill(~valid, float("-inf"))
+    return _keep_top(key, budget(valid.sum(-1), keep_ratio)) & valid
+
+
+def mean_topk(scores: torch.Tensor, valid: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Baseline: sum scores over heads, keep one global top ``ceil(keep_ratio * valid)``."""
+    key = scores.sum(dim=1).masked_fill(~valid, float("-inf"))
+    return _keep_top(key, budget(valid.sum(-1), keep_ratio)) & valid
+
+
+def random_keep(valid: torch.Tensor, keep_ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Baseline: ``ceil(keep_ratio * valid)`` valid tokens drawn uniformly with ``generator``."""
+    noise = torch.rand(valid.shape, generator=generator, device=generator.device).to(valid.device)
+    key = noise.masked_fill(~valid, float("-inf"))
+    return _keep_top(key, budget(valid.sum(-1), keep_ratio)) & valid
+
+
+def uniform_keep(valid: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Baseline: ``ceil(keep_ratio * valid)`` tokens evenly spaced over the valid tokens.
+
+    Valid tokens are laid out tile by tile in raster order, so an even stride over them is a
+    spatial stride inside every tile (a fixed, input-independent pooling pattern).
+    """
+    count = valid.sum(-1)
+    k = budget(count, keep_ratio)
+    order = torch.cumsum(valid.to(torch.long), dim=-1) - 1  # position among valid tokens
+    # Token j (0-based among valid) is kept when it is the first to reach a multiple of count/k.
+    k_safe = k.clamp(min=1)[:, None]
+    slot = torch.div(order * k_safe, count.clamp(min=1)[:, None], rounding_mode="floor")
+    previous = torch.div((order - 1) * k_safe, count.clamp(min=1)[:, None], rounding_mode="floor")
+    first_in_slot = (order == 0) | (slot != previous)
+    return valid & first_in_slot & (k[:, None] > 0)
+
+
+def select(
+    config: TrimConfig,
+    scores: torch.Tensor | None,
+    valid: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Dispatch to the selection rule ``config`` names; returns the ``(B, N)`` keep mask."""
+    if config.is_identity:
+        return valid.clone()
+    if config.method in ("trimmed", "mean"):
+        if scores is None:
+            raise ValueError(f"method={config.method!r} needs attention scores")
+        if config.method == "mean":
+            return mean_topk(scores, valid, config.ratio)
+        if config.k_ratio is not None:
+            return union_topk(scores, valid, config.k_ratio)
+        return union_budget(scores, valid, config.ratio)
+    if config.method == "random":
+        if generator is None:
+            raise ValueError("method='random' needs a torch.Generator")
+        return random_keep(valid, config.ratio, generator)
+    return uniform_keep(valid, config.ratio)
+
+
+def keep_to_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a ``(B, N)`` keep mask into gather indices ``(B, K)`` and slot validity ``(B, K)``.
+
+    ``K`` is the largest kept count in the batch. Kept positions come first, in ascending
+    (spatial) order; shorter rows are padded with index 0 and ``slot_valid`` False, and those
+    slots must be masked wherever the gathered tokens are attended.
+    """
+    counts = keep.sum(-1)
+    width = int(counts.max()) if keep.numel() else 0
+    order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :width]
+    slot_valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+    return order.masked_fill(~slot_valid, 0), slot_valid
+
+
+def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather ``(B, N, D)`` image features to ``(B, K, D)``."""
+    return torch.gather(states, 1, index[:, :, None].expand(-1, -1, states.shape[-1]))
+
+
+def gather_mask(additive_mask: torch.Tensor, index: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
+    """Gather an additive ``(B, 1, L, N)`` mask to ``(B, 1, L, K)``; padding slots get dtype-min.
+
+    Rows that transformers left all-zero (may attend nothing, so attend uniformly) stay zero on
+    kept slots: they attend uniformly to the kept tokens, never to padding slots.
+    """
+    batch, _, length, _ = additive_mask.shape
+    gathered = torch.gather(additive_mask, 3, index[:, None, None, :].expand(batch, 1, length, -1))
+    return gathered.masked_fill(~slot_valid[:, None, None, :], torch.finfo(additive_mask.dtype).min)
+
+
+def gather_cache(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather a cached ``(B, G, N, d)`` key or value tensor to ``(B, G, K, d)``."""
+    batch, heads, _, dim = tensor.shape
+    return torch.gather(tensor, 2, index[:, None, :, None].expand(batch, heads, -1, dim))
+
+
+def kv_bytes(batch: int, tokens: int, kv_heads: int, head_dim: int, element_size: int) -> int:
+    """Bytes of keys plus values one attention layer caches for ``tokens`` per sample."""
+    return 2 * batch * tokens * kv_heads * head_dim * element_size
+
+
+__all__ = [
+    "attention_scores",
+    "budget",
+    "gather_cache",
+    "gather_mask",
+    "gather_tokens",
+    "keep_to_index",
+    "kv_bytes",
+    "mean_topk",
+    "random_keep",
+    "scoring_rows",
+    "select",
+    "union_budget",
+    "union_topk",
+    "uniform_keep",
+    "valid_tokens",
+]

@@ -1,0 +1,357 @@
+"""Trimmed Llama on a stock transformers ``Mllama`` model, through forward hooks only.
+
+How it hooks in (no modeling code is copied or replaced, attention stays sdpa/flash):
+
+* the text decoder's pre-hook notes this call's 2-D ``attention_mask`` and cache;
+* the first cross-attention layer's ``q_norm``/``k_norm`` hooks capture the queries and keys the
+  layer itself computes, and the layer's post-hook scores image tokens from them and selects;
+* every later cross-attention layer's pre-hook swaps in the gathered features and the gathered
+  cross-attention mask, so its projections and its KV cache cover only kept tokens;
+* at decode steps the selection is read back from the cache object it was stored on, and the
+  full-width mask transformers rebuilds every step is gathered the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from crosstrim import method
+from crosstrim.config import TrimConfig
+
+_SELECTION_ATTR = "_crosstrim_selection"
+_HANDLE_ATTR = "_crosstrim_handle"
+
+
+@dataclass(frozen=True)
+class TrimStats:
+    """What the last prefill kept, per sample, and what it costs in cross-attention KV cache.
+
+    ``kept_indices[b]`` index sample ``b``'s image tokens as transformers lays them out:
+    ``image * max_tiles * tokens_per_tile + tile * tokens_per_tile + token``.
+    A sample with no image keeps every token (it passes through untouched) and reports 0 valid.
+    """
+
+    method: str
+    kept_indices: tuple[torch.Tensor, ...]
+    kept_counts: tuple[int, ...]
+    valid_counts: tuple[int, ...]
+    image_tokens: int
+    cross_layers: int
+    trimmed_layers: int
+    kv_bytes_full: int
+    kv_bytes_kept: int
+
+    @property
+    def kept_fraction(self) -> tuple[float, ...]:
+        """Kept / valid (non-padding) image tokens, per sample."""
+        return tuple(k / v if v else 1.0 for k, v in zip(self.kept_counts, self.valid_counts))
+
+    @property
+    def mean_kept_fraction(self) -> float:
+        """Mean kept fraction over the samples that have an image (1.0 when none has)."""
+        fractions = [k / v for k, v in zip(self.kept_counts, self.valid_counts) if v]
+        return sum(fractions) / len(fractions) if fractions else 1.0
+
+    def summary(self) -> str:
+        mb = 1024 * 1024
+        return (
+            f"{self.method}: kept {self.mean_kept_fraction:.1%} of image tokens "
+            f"(per sample {', '.join(f'{k}/{v}' for k, v in zip(self.kept_counts, self.valid_counts))}); "
+            f"cross-attn KV {self.kv_bytes_full / mb:.2f} MB -> {self.kv_bytes_kept / mb:.2f} MB"
+        )
+
+
+@dataclass
+class _Selection:
+    """Gather indices of one prefill, stored on its cache so decode steps reuse them."""
+
+    index: torch.Tensor  # (B, K) long
+    slot_valid: torch.Tensor  # (B, K) bool
+    full_tokens: int  # N
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.index.to(device), self.slot_valid.to(device)
+
+
+@dataclass
+class _Step:
+    """State of one decoder forward call; later cross layers share the gathered tensors."""
+
+    attention_mask: torch.Tensor | None
+    cache: Any
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    selection: _Selection | None = None
+    prefill: bool = False
+    gathered: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+
+
+def _text_model(model: nn.Module) -> nn.Module:
+    from transformers.models.mllama.modeling_mllama import MllamaTextModel
+
+    if isinstance(model, MllamaTextModel):
+        raise TypeError(
+            "crosstrim.trim needs the whole vision-language model (MllamaForConditionalGeneration "
+            "or MllamaModel), not its text decoder alone"
+        )
+    found = [m for m in model.modules() if isinstance(m, MllamaTextModel)]
+    if len(found) != 1 or getattr(getattr(model, "config", None), "vision_config", None) is None:
+        raise TypeError(
+            f"crosstrim.trim supports transformers Mllama models (Llama-3.2-Vision, "
+            f"MllamaForConditionalGeneration); got {type(model).__name__}"
+        )
+    return found[0]
+
+
+def _check_cache(cache: Any, layers: list[int]) -> None:
+    if cache is None or not hasattr(cache, "layers"):
+        return
+    from transformers.cache_utils import DynamicLayer
+
+    for idx in layers:
+        if idx < len(cache.layers) and not isinstance(cache.layers[idx], DynamicLayer):
+            raise ValueError(
+                f"crosstrim shrinks the cross-attention KV cache, but layer {idx} uses "
+                f"{type(cache.layers[idx]).__name__}, which is pre-allocated at full size; use the "
+                "default dynamic cache (drop cache_implementation='static' / 'offloaded_static')"
+            )
+
+
+class TrimHandle:
+    """A model patched by :func:`trim`. ``stats`` describes the last prefill; ``remove()`` undoes it."""
+
+    def __init__(self, model: nn.Module, config: TrimConfig) -> None:
+        text = _text_model(model)
+        if getattr(text, _HANDLE_ATTR, None) is not None:
+            raise ValueError("this model is already trimmed; call handle.remove() before trimming it again")
+        layers = sorted(int(i) for i in (text.config.cross_attention_layers or []))
+        if not layers:
+            raise ValueError("this Mllama model has no cross-attention layers, so there is nothing to trim")
+        vision = model.config.vision_config
+        self.model = model
+        self.config = config
+        self.stats: TrimStats | None = None
+        self._text = text
+        self._layers = layers
+        self._segment = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._step: _Step | None = None
+        first = text.layers[layers[0]]
+        self._hooks = [
+            text.register_forward_pre_hook(self._begin, with_kwargs=True),
+            text.register_forward_hook(self._end, with_kwargs=True),
+            first.cross_attn.q_norm.register_forward_hook(self._capture("query")),
+            first.cross_attn.k_norm.register_forward_hook(self._capture("key")),
+            first.register_forward_hook(self._select, with_kwargs=True),
+        ]
+        trimmed = layers[1:] if not config.trim_first_layer_cache else layers
+        for idx in trimmed:
+            self._hooks.append(text.layers[idx].register_forward_pre_hook(self._gather, with_kwargs=True))
+        setattr(text, _HANDLE_ATTR, self)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def remove(self) -> None:
+        """Detach every hook: the model computes exactly what it computed before :func:`trim`."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._step = None
+        if getattr(self._text, _HANDLE_ATTR, None) is self:
+            setattr(self._text, _HANDLE_ATTR, None)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    def __enter__(self) -> TrimHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "crosstrim keeps a data-dependent number of image tokens and cannot run under "
+                "torch.compile; run the trimmed model eagerly"
+            )
+        cache = kwargs.get("past_key_values")
+        _check_cache(cache, self._layers)
+        self._step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache)
+
+    def _capture(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._step is not None:
+                setattr(self._step, name, output)
+
+        return hook
+
+    def _select(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        step = self._step
+        states = kwargs.get("cross_attention_states")
+        if step is None or states is None:
+            return  # decode step: the first layer reads its cache
+        mask = kwargs.get("cross_attention_mask")
+        if mask is None:
+            raise ValueError(
+                "crosstrim needs the cross_attention_mask the Mllama processor returns; without it "
+                "transformers' sdpa path treats cross-attention as causal. Pass cross_attention_mask"
+            )
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, length = hidden.shape[:2]
+        tokens = states.numel() // (batch * states.shape[-1])
+        rows = method.scoring_rows(
+            kwargs.get("full_text_row_masked_out_mask"), step.attention_mask, batch, length, mask.device
+        )
+        valid = method.valid_tokens(mask, rows)
+        if self.config.is_identity:
+            keep = torch.ones_like(valid)
+        else:
+            scores = None
+            if self.config.needs_scores:
+                attn = layer.cross_attn
+                scores = method.attention_scores(
+                    step.query, step.key, mask, rows, attn.scaling, self.config.score_chunk_elements
+                )
+            keep = self._select_per_image(scores, valid, tokens)
+            # A sample with no image (every row fully masked) passes through untouched.
+            keep |= ~valid.any(dim=-1, keepdim=True)
+        index, slot_valid = method.keep_to_index(keep)
+        step.selection = _Selection(index, slot_valid, tokens)
+        step.prefill = True
+        step.query = step.key = None
+        valid_counts = valid.sum(-1).tolist()
+        kept_counts = keep.sum(-1).tolist()
+        self.stats = self._stats(step.selection, kept_counts, valid_counts, batch, states.dtype)
+        # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
+        step.cache = kwargs.get("past_key_values", step.cache)
+        if step.cache is not None:
+            setattr(step.cache, _SELECTION_ATTR, step.selection)
+
+    def _select_per_image(self, scores: torch.Tensor | None, valid: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Apply the budget per image, so every image keeps its share (one image: the paper's rule)."""
+        batch = valid.shape[0]
+        images = tokens // self._segment if tokens % self._segment == 0 else 1
+        seg = tokens // images
+        flat_scores = None
+        if scores is not None:
+            heads = scores.shape[1]
+            flat_scores = scores.view(batch, heads, images, seg).transpose(1, 2).reshape(batch * images, heads, seg)
+        keep = method.select(self.config, flat_scores, valid.reshape(batch * images, seg), self._generator)
+        return keep.reshape(batch, tokens)
+
+    def _gather(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        step = self._step
+        if step is None:
+            return None
+        states = kwargs.get("cross_attention_states")
+        if states is not None:
+            if layer.layer_idx == self._layers[0]:
+                return None  # the first layer scores with every token
+            selection = step.selection
+        else:
+            selection = getattr(step.cache, _SELECTION_ATTR, None)
+        if selection is None:
+            return None  # a cache filled before trimming holds every token
+        mask = kwargs.get("cross_attention_mask")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if selection.index.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"the batch changed from {selection.index.shape[0]} to {hidden.shape[0]} rows since prefill; "
+                "crosstrim supports greedy, sampling and beam search, not generate modes that reshape the "
+                "cache (contrastive search, assisted decoding)"
+            )
+        device = hidden.device
+        kwargs = dict(kwargs)
+        if mask is not None:
+            if mask.shape[-1] != selection.full_tokens:
+                raise ValueError(
+                    f"cross_attention_mask covers {mask.shape[-1]} image tokens but the prefill had "
+                    f"{selection.full_tokens}; start a new generation for a new image"
+                )
+            kwargs["cross_attention_mask"] = self._shared(
+                step, 0, device, lambda: method.gather_mask(mask, *selection.on(mask.device))
+            )
+        if states is not None:
+            batch = hidden.shape[0]
+            kwargs["cross_attention_states"] = self._shared(
+                step,
+                1,
+                device,
+                lambda: method.gather_tokens(
+                    states.reshape(batch, -1, states.shape[-1]), selection.on(states.device)[0]
+                ),
+            )
+        return args, kwargs
+
+    @staticmethod
+    def _shared(step: _Step, slot: int, device: torch.device, make) -> torch.Tensor:
+        """Compute a gathered tensor once per forward and device; all later layers reuse it."""
+        key = (slot, device)
+        if key not in step.gathered:
+            step.gathered[key] = make().to(device)
+        return step.gathered[key]
+
+    def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        step, self._step = self._step, None
+        if step is None or not step.prefill or step.cache is None or not self.config.trim_first_layer_cache:
+            return
+        layer = step.cache.layers[self._layers[0]]
+        index = step.selection.index.to(layer.keys.device)
+        layer.keys = method.gather_cache(layer.keys, index)
+        layer.values = method.gather_cache(layer.values, index)
+
+    # -- accounting ------------------------------------------------------------------------------
+
+    def _stats(
+        self, selection: _Selection, kept: list[int], valid: list[int], batch: int, dtype: torch.dtype
+    ) -> TrimStats:
+        text_config = self._text.config
+        kv_heads = text_config.num_key_value_heads
+        head_dim = text_config.hidden_size // text_config.num_attention_heads
+        size = torch.empty((), dtype=dtype).element_size()
+        full = method.kv_bytes(batch, selection.full_tokens, kv_heads, head_dim, size)
+        slim = method.kv_bytes(batch, selection.index.shape[1], kv_heads, head_dim, size)
+        trimmed = len(self._layers) - (0 if self.config.trim_first_layer_cache else 1)
+        index_cpu = selection.index.cpu()
+        return TrimStats(
+            method=self.config.describe(),
+            kept_indices=tuple(index_cpu[b, :k] for b, k in enumerate(kept)),
+            kept_counts=tuple(kept),
+            valid_counts=tuple(valid),
+            image_tokens=selection.full_tokens,
+            cross_layers=len(self._layers),
+            trimmed_layers=trimmed,
+            kv_bytes_full=full * len(self._layers),
+            kv_bytes_kept=slim * trimmed + full * (len(self._layers) - trimmed),
+        )
+
+
+def trim(model: nn.Module, config: TrimConfig | None = None) -> TrimHandle:
+    """Patch ``model`` in place so later cross-attention layers see only the kept image features.
+
+    Works for forward calls and ``generate`` (greedy, sampling, beam search). Returns a handle
+    whose ``stats`` describe the last prefill and whose ``remove()`` restores the model.
+    """
+    if config is not None and not isinstance(config, TrimConfig):
+        raise TypeError(f"config must be a crosstrim.TrimConfig, got {type(config).__name__}")
+    return TrimHandle(model, config or TrimConfig())
+
+
+@contextlib.contextmanager
+def trimmed(model: nn.Module, config: TrimConfig | None = None) -> Iterator[TrimHandle]:
+    """``with trimmed(model, cfg) as handle: ...`` trims inside the block only."""
+    handle = trim(model, config)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,65 @@
+"""Shared test helpers: inputs for the tiny model and the *masked reference* the method must match."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+# (height, width) -> tiles with the tiny 32 px processor: 32x32 -> 1 tile, 32x64 -> 2, 64x64 -> 4.
+SIZES = {1: (32, 32), 2: (32, 64), 3: (96, 32), 4: (64, 64)}
+
+
+def image(tiles: int, seed: int) -> Image.Image:
+    h, w = SIZES[tiles]
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def inputs(processor, samples: list[tuple[list[int], str]], seed: int = 0):
+    """``samples``: (tile counts of each image, text with one <|image|> per image)."""
+    images = [[image(t, seed + 10 * i + j) for j, t in enumerate(tiles)] for i, (tiles, _) in enumerate(samples)]
+    texts = [text for _, text in samples]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding, as ``generate`` computes them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def text_model(model):
+    return model.model.language_model
+
+
+@contextlib.contextmanager
+def masked_reference(model, kept: tuple[torch.Tensor, ...], tokens: int, *, first_layer_decode: bool = False):
+    """Run the *unpatched* model with every dropped image token masked for every text row.
+
+    Later cross-attention layers (and, with ``first_layer_decode``, the first one at decode
+    steps) get ``dtype-min`` at dropped tokens, padding tiles included. This is the definition
+    trimming must reproduce: same logits, without ever removing a token.
+    """
+    text = text_model(model)
+    layers = sorted(text.config.cross_attention_layers)
+    keep = torch.zeros(len(kept), tokens, dtype=torch.bool)
+    for b, idx in enumerate(kept):
+        keep[b, idx] = True
+
+    def hook(layer, args, kwargs):
+        mask = kwargs.get("cross_attention_mask")
+        is_prefill = kwargs.get("cross_attention_states") is not None
+        if mask is None or (layer.layer_idx == layers[0] and (is_prefill or not first_layer_decode)):
+            return None
+        drop = ~keep.to(mask.device)[:, None, None, :]
+        kwargs = dict(kwargs, cross_attention_mask=mask.masked_fill(drop, torch.finfo(mask.dtype).min))
+        return args, kwargs
+
+    handles = [text.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

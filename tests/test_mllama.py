@@ -1,0 +1,291 @@
+"""Trimming a stock transformers Mllama: equivalence, batching, cache, generate, errors."""
+
+import pytest
+import torch
+from support import inputs, masked_reference, positions, text_model
+
+import crosstrim
+from crosstrim import method, tiny
+
+# Three samples: two images (2 + 1 tiles, so padding tiles); one 4-tile image (left padded, so a
+# padding image slot too); two 1-tile images after text, whose rows before the first image
+# transformers leaves "fully masked". Samples with text before an image have the batch's largest
+# image count: unpatched Mllama lets those rows attend uniformly to *every* image slot at the first
+# cross layer, so a sample batched with more image slots than it has is not batch-invariant even
+# without crosstrim (transformers behaviour, left as is).
+BATCH = [
+    ([2, 1], "<|image|> what is the color <|image|> of the circle ?"),
+    ([4], "<|image|> how many shapes are there ?"),
+    ([1, 1], "describe it <|image|> a red <|image|> left"),
+]
+
+CONFIGS = [
+    crosstrim.TrimConfig(k_ratio=0.1),
+    crosstrim.TrimConfig(k_ratio=0.25),
+    crosstrim.TrimConfig(keep_ratio=0.3),
+    crosstrim.TrimConfig(method="mean", keep_ratio=0.3),
+    crosstrim.TrimConfig(method="random", keep_ratio=0.3, seed=3),
+    crosstrim.TrimConfig(method="uniform", keep_ratio=0.3),
+    crosstrim.TrimConfig(k_ratio=0.1, trim_first_layer_cache=True),
+]
+IDS = [c.describe() + (" first-cache" if c.trim_first_layer_cache else "") for c in CONFIGS]
+GREEDY = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+
+
+def forward(model, batch, **kwargs):
+    with torch.no_grad():
+        return model(**batch, position_ids=positions(batch["attention_mask"]), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model):
+    return inputs(tiny_model[1], BATCH)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        crosstrim.TrimConfig(k_ratio=1.0),
+        crosstrim.TrimConfig(keep_ratio=1.0),
+        crosstrim.TrimConfig(method="random", keep_ratio=1.0),
+        crosstrim.TrimConfig(method="uniform", keep_ratio=1.0, trim_first_layer_cache=True),
+    ],
+    ids=lambda c: c.describe(),
+)
+def test_ratio_one_is_the_identity_and_remove_restores(model, batch, config):
+    reference = forward(model, batch).logits
+    ref_tokens = model.generate(**batch, **GREEDY)
+    with crosstrim.trimmed(model, config) as handle:
+        assert torch.equal(forward(model, batch).logits, reference)
+        assert torch.equal(model.generate(**batch, **GREEDY), ref_tokens)
+        assert handle.stats.kept_counts == (handle.stats.image_tokens,) * 3
+    assert torch.equal(forward(model, batch).logits, reference)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_trimmed_equals_masked_reference(model, batch, config):
+    unpatched = forward(model, batch).logits
+    with crosstrim.trimmed(model, config) as handle:
+        logits = forward(model, batch).logits
+        stats = handle.stats
+        tokens = model.generate(**batch, **GREEDY)
+        generate_stats = handle.stats  # generate's own prefill (the random baseline draws anew)
+    # The test is not vacuous: tokens were dropped and the logits moved.
+    assert all(k < v for k, v in zip(stats.kept_counts, stats.valid_counts))
+    assert not torch.allclose(logits, unpatched, atol=1e-3)
+    first_layer_decode = config.trim_first_layer_cache
+    with masked_reference(model, stats.kept_indices, stats.image_tokens):
+        torch.testing.assert_close(logits, forward(model, batch).logits, atol=1e-5, rtol=0)
+    with masked_reference(
+        model, generate_stats.kept_indices, stats.image_tokens, first_layer_decode=first_layer_decode
+    ):
+        assert torch.equal(tokens, model.generate(**batch, **GREEDY))
+
+
+def test_rows_before_the_image_attend_only_kept_tokens(model, processor):
+    """The quirk: fully masked rows attend uniformly; after trimming, uniformly to kept tokens only."""
+    # Sample 1 keeps fewer tokens than sample 0, so its row is padded with masked slots.
+    batch = inputs(processor, [([4], "<|image|> what is it ?"), ([1], "what is in the image <|image|> ?")])
+    config = crosstrim.TrimConfig(k_ratio=0.1)
+    with crosstrim.trimmed(model, config) as handle:
+        logits = forward(model, batch).logits
+    counts = handle.stats.kept_counts
+    assert counts[1] < counts[0]
+    with masked_reference(model, handle.stats.kept_indices, handle.stats.image_tokens):
+        reference = forward(model, batch).logits
+    before_image = slice(-6, -2)  # "what is in the" precede <|image|> in sample 1
+    torch.testing.assert_close(logits[1, before_image], reference[1, before_image], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=IDS[:4])
+def test_batch_equals_each_sample_alone(model, processor, batch, config):
+    def alone(b):
+        return inputs(processor, [BATCH[b]], seed=10 * b)
+
+    unpatched = forward(model, batch).logits
+    for b in range(len(BATCH)):  # precondition: the unpatched model is batch-invariant here
+        width = alone(b)["input_ids"].shape[1]
+        torch.testing.assert_close(unpatched[b, -width:], forward(model, alone(b)).logits[0], atol=1e-5, rtol=0)
+    with crosstrim.trimmed(model, config) as handle:
+        logits = forward(model, batch).logits
+        stats = handle.stats
+        for b in range(len(BATCH)):
+            single = forward(model, alone(b)).logits[0]
+            assert torch.equal(handle.stats.kept_indices[0], stats.kept_indices[b])
+            width = alone(b)["input_ids"].shape[1]
+            torch.testing.assert_close(logits[b, -width:], single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[-1]], ids=[IDS[1], IDS[-1]])
+def test_cache_holds_kept_tokens_and_reported_bytes_are_measured_bytes(model, processor, batch, config):
+    def cross_cache_bytes(cache):
+        layers = text_model(model).config.cross_attention_layers
+        return sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in layers)
+
+    full = forward(model, batch, use_cache=True).past_key_values
+    layers = sorted(text_model(model).config.cross_attention_layers)
+    with crosstrim.trimmed(model, config) as handle:
+        cache = forward(model, batch, use_cache=True).past_key_values
+        stats = handle.stats
+        for i in layers:
+            expected = (
+                stats.image_tokens if (i == layers[0] and not config.trim_first_layer_cache) else max(stats.kept_counts)
+            )
+            assert cache.layers[i].keys.shape[2] == cache.layers[i].values.shape[2] == expected
+        assert cross_cache_bytes(cache) == stats.kv_bytes_kept
+        assert cross_cache_bytes(full) == stats.kv_bytes_full
+        alone = inputs(processor, [BATCH[1]], seed=10)
+        cache = forward(model, alone, use_cache=True).past_key_values
+        assert cache.layers[layers[1]].keys.shape[2] == handle.stats.kept_counts[0] == stats.kept_counts[1]
+
+
+def test_selection_matches_eager_attention_weights(processor, batch):
+    """Scores beside sdpa == the first cross layer's eager weights, summed over the rows that count."""
+    sdpa_model, _ = tiny.random_model(seed=0, processor=processor)
+    eager_model, _ = tiny.random_model(seed=0, processor=processor)
+    eager_model.set_attn_implementation("eager")
+    first = min(text_model(eager_model).config.cross_attention_layers)
+    captured = {}
+    hook = (
+        text_model(eager_model)
+        .layers[first]
+        .cross_attn.register_forward_hook(lambda m, a, out: captured.__setitem__("weights", out[1]))
+    )
+    forward(eager_model, batch)
+    hook.remove()
+    weights = captured["weights"]  # (B, H, L, N)
+    with crosstrim.trimmed(sdpa_model, crosstrim.TrimConfig(k_ratio=0.2)) as handle:
+        forward(sdpa_model, batch)
+    # Rows that count: the ones that may attend an image, minus padding.
+    cross = batch["cross_attention_mask"].flatten(2).any(-1) & batch["attention_mask"].bool()
+    scores = (weights * cross[:, None, :, None]).sum(2)
+    valid = torch.zeros(weights.shape[0], weights.shape[-1], dtype=torch.bool)
+    tiles = batch["cross_attention_mask"].amax(1).flatten(1).bool()  # (B, images*tiles)
+    valid = tiles.repeat_interleave(weights.shape[-1] // tiles.shape[1], dim=1)
+    images, per_image = batch["pixel_values"].shape[1], weights.shape[-1] // batch["pixel_values"].shape[1]
+    flat = scores.view(3, -1, images, per_image).transpose(1, 2).reshape(3 * images, -1, per_image)
+    keep = method.union_topk(flat, valid.reshape(3 * images, per_image), 0.2).reshape(3, -1)
+    for b in range(3):
+        assert torch.equal(handle.stats.kept_indices[b], keep[b].nonzero().flatten())
+
+
+def test_padding_never_influences_selection(model, processor):
+    """Different left-pad tokens and different padding-tile features leave the selection unchanged."""
+    batch = inputs(processor, [([2], "<|image|> what is the color of the circle ?"), ([1], "<|image|> it ?")])
+    assert (batch["attention_mask"] == 0).any()
+    other = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
+    padding_tiles = dict(batch, pixel_values=batch["pixel_values"].clone())
+    padding_tiles["pixel_values"][:, :, 2:] = torch.randn_like(padding_tiles["pixel_values"][:, :, 2:])
+    with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.2)) as handle:
+        kept = []
+        for variant in (batch, other, padding_tiles):
+            forward(model, variant)
+            kept.append(handle.stats.kept_indices)
+    tiles_of = 2 * 17  # sample 0 has 2 real tiles of 17 tokens; nothing beyond may be kept
+    assert all(int(k.max()) < tiles_of for k in kept[0])
+    for variant in kept[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(kept[0], variant))
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"do_sample": True, "top_k": 0, "temperature": 1.0},
+        {"num_beams": 3, "do_sample": False},
+        {"do_sample": True, "num_return_sequences": 2},
+        {"num_beams": 2, "num_return_sequences": 2, "do_sample": False},
+    ],
+    ids=["sampling", "beam", "sampling-n2", "beam-n2"],
+)
+def test_generate_modes_match_the_masked_reference(model, batch, mode):
+    kwargs = {"max_new_tokens": 5, "pad_token_id": 0, **mode}
+    with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:
+        torch.manual_seed(0)
+        trimmed_tokens = model.generate(**batch, **kwargs)
+        stats = handle.stats
+    rows = len(BATCH) * mode.get("num_beams", 1) * (1 if mode.get("num_beams") else mode.get("num_return_sequences", 1))
+    assert len(stats.kept_counts) == rows
+    with masked_reference(model, stats.kept_indices, stats.image_tokens):
+        torch.manual_seed(0)
+        assert torch.equal(trimmed_tokens, model.generate(**batch, **kwargs))
+
+
+def test_text_only_and_image_less_samples_pass_through(model, processor):
+    text = processor(text=["what is in the image ?"], return_tensors="pt")
+    mixed = processor(
+        images=[[tiny_image()], []], text=["<|image|> what is it ?", "what is it ?"], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        reference_text = model(**text).logits
+        reference_mixed = forward(model, mixed).logits
+    with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:
+        assert torch.equal(forward(model, text).logits, reference_text)
+        assert handle.stats is None
+        logits = forward(model, mixed).logits
+        assert handle.stats.valid_counts[1] == 0 and handle.stats.kept_counts[1] == handle.stats.image_tokens
+        assert handle.stats.kept_counts[0] < handle.stats.valid_counts[0]
+    torch.testing.assert_close(logits[1], reference_mixed[1], atol=1e-6, rtol=0)
+
+
+def tiny_image():
+    from support import image
+
+    return image(2, seed=5)
+
+
+def test_bad_models_and_misuse_raise_clear_errors(model, processor, batch):
+    with pytest.raises(TypeError, match="Mllama"):
+        crosstrim.trim(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="whole vision-language model"):
+        crosstrim.trim(text_model(model))
+    with pytest.raises(TypeError, match="TrimConfig"):
+        crosstrim.trim(model, {"k_ratio": 0.5})
+    no_cross, _ = tiny.random_model(seed=0, processor=processor, cross_attention_layers=[])
+    with pytest.raises(ValueError, match="no cross-attention layers"):
+        crosstrim.trim(no_cross)
+    with crosstrim.trimmed(model):
+        with pytest.raises(ValueError, match="already trimmed"):
+            crosstrim.trim(model)
+        with pytest.raises(ValueError, match="dynamic cache"):
+            model.generate(**batch, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+        no_mask = {k: v for k, v in batch.items() if k != "cross_attention_mask"}
+        with pytest.raises(ValueError, match="cross_attention_mask"), torch.no_grad():
+            model(**no_mask)
+    handle = crosstrim.trim(model)  # trimming again after removal works
+    handle.remove()
+    assert not handle.active
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[-1]], ids=[IDS[0], IDS[-1]])
+def test_manual_decode_with_the_returned_cache(model, batch, config):
+    """A forward prefill followed by hand-written decode steps reuses the stored selection."""
+
+    def run_two_steps():
+        out = forward(model, batch, use_cache=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        cross = batch["cross_attention_mask"]
+        logits = []
+        cache = out.past_key_values
+        for _ in range(2):
+            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, next_ids], 1), torch.cat([mask, torch.ones_like(next_ids)], 1)
+            with torch.no_grad():
+                out = model(
+                    input_ids=next_ids,
+                    attention_mask=mask,
+                    cross_attention_mask=cross[:, -1:],
+                    past_key_values=cache,
+                    position_ids=positions(mask)[:, -1:],
+                    use_cache=True,
+                )
+            logits.append(out.logits)
+        return torch.cat(logits, 1)
+
+    with crosstrim.trimmed(model, config) as handle:
+        trimmed_logits = run_two_steps()
+        stats = handle.stats
+    with masked_reference(
+        model, stats.kept_indices, stats.image_tokens, first_layer_decode=config.trim_first_layer_cache
+    ):
+        torch.testing.assert_close(trimmed_logits, run_two_steps(), atol=1e-5, rtol=0)
