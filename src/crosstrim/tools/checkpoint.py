@@ -1,0 +1,96 @@
+"""Load a local Llama-3.2-Vision (Mllama) checkpoint directory and images, with errors that say what to fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from crosstrim.tools import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an unavailable device is a user error, not a CUDA trace."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def load(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
+    """Load ``(model, processor)`` from a ``save_pretrained`` directory (model + processor files).
+
+    ``dtype="auto"`` uses bfloat16 on GPU and float32 on CPU.
+    """
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the tools report their own progress; keep stderr for errors
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"model directory {str(path)!r} does not exist; pass a local checkpoint folder")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{str(path)!r} has no config.json; is it a transformers save_pretrained folder?")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {config_file}: {err}") from err
+    if model_type != "mllama":
+        raise UserError(
+            f"{str(path)!r} holds a {model_type!r} model; crosstrim needs a Llama-3.2-Vision (mllama) checkpoint"
+        )
+    torch_device = resolve_device(device)
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the processor from {str(path)!r} (save it beside the model): {err}") from err
+    try:
+        model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model weights from {str(path)!r}: {err}") from err
+    return model.to(torch_device).eval(), processor
+
+
+def load_image(path: str | Path):
+    """Open an image file as RGB; a missing or undecodable file is a user error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise UserError(f"image {str(path)!r} does not exist") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"cannot read image {str(path)!r}: not a decodable image file") from err
+
+
+def format_prompt(processor, prompt: str, n_images: int) -> str:
+    """Turn a user prompt into model text with one ``<|image|>`` per image.
+
+    Processors with a chat template (Instruct checkpoints) get a user turn with the images first;
+    plain ones get ``<|image|>`` tokens prepended unless the prompt already places them.
+    """
+    placed = prompt.count("<|image|>")
+    if placed and placed != n_images:
+        raise UserError(f"the prompt has {placed} <|image|> tokens but {n_images} images were given")
+    if getattr(processor, "chat_template", None) and not placed:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return prompt if placed else "<|image|>" * n_images + " " + prompt

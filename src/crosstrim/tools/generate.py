@@ -1,0 +1,49 @@
+"""``crosstrim generate``: answer a prompt about images with a trimmed (and optionally the full) model."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import crosstrim
+from crosstrim.tools import UserError, checkpoint, options
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="answer a prompt about images, trimmed")
+    options.add_model_arguments(parser)
+    parser.add_argument("--image", action="append", default=[], metavar="FILE", help="image file (repeatable)")
+    parser.add_argument("--prompt", required=True, help="question; <|image|> tokens are added when absent")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--compare", action="store_true", help="also run the untrimmed model and show both")
+    options.add_trim_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def answer(model, processor, inputs, max_new_tokens: int) -> str:
+    """Greedy answer text (new tokens only, special tokens dropped)."""
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def run(args: argparse.Namespace) -> int:
+    config = options.trim_config(args)
+    if not args.image:
+        raise UserError("the prompt has no image; pass at least one --image (crosstrim trims image features)")
+    images = [checkpoint.load_image(path) for path in args.image]
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    model, processor = checkpoint.load(args.model, args.device, args.dtype)
+    text = checkpoint.format_prompt(processor, args.prompt, len(images))
+    inputs = processor(images=[images], text=[text], return_tensors="pt").to(model.device)
+    with crosstrim.trimmed(model, config) as handle:
+        trimmed_answer = answer(model, processor, inputs, args.max_new_tokens)
+    print(f"answer ({config.describe()}): {trimmed_answer}")
+    print(handle.stats.summary())
+    if args.compare:
+        full_answer = answer(model, processor, inputs, args.max_new_tokens)
+        print(f"answer (full): {full_answer}")
+        print("same answer" if full_answer == trimmed_answer else "answers differ")
+    return 0

@@ -1,0 +1,40 @@
+"""Command-line options shared by the tools, so every command spells them the same way."""
+
+from __future__ import annotations
+
+import argparse
+
+from crosstrim.config import METHODS, TrimConfig
+from crosstrim.tools import UserError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--model", required=required, metavar="DIR", help="local checkpoint folder (save_pretrained)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU)")
+
+
+def add_trim_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("trimming")
+    group.add_argument("--method", default="trimmed", choices=METHODS, help="selection rule (default: trimmed)")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--k-ratio", type=float, help="per-head top-k ratio, adaptive kept count (default 0.25)")
+    budget.add_argument("--keep-ratio", type=float, help="exact kept fraction per image")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    group.add_argument(
+        "--trim-first-layer-cache", action="store_true", help="also shrink the first cross layer's KV cache"
+    )
+
+
+def trim_config(args: argparse.Namespace) -> TrimConfig:
+    """Build the ``TrimConfig`` the options describe; invalid values become one-line user errors."""
+    try:
+        return TrimConfig(
+            method=args.method,
+            k_ratio=args.k_ratio,
+            keep_ratio=args.keep_ratio,
+            seed=args.seed,
+            trim_first_layer_cache=args.trim_first_layer_cache,
+        )
+    except (TypeError, ValueError) as err:
+        raise UserError(str(err)) from err
