@@ -87,7 +87,7 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(capsys, tmp_path, checkpoi
     flat = ["generate", "--max-new-tokens", "2"] + [x for pair in args.items() for x in pair]
     if "--device" not in args:
         flat += ["--device", "cpu"]
-    code, out, err = run(capsys, *flat)
+    code, _, err = run(capsys, *flat)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
