@@ -289,3 +289,16 @@ def test_manual_decode_with_the_returned_cache(model, batch, config):
         model, stats.kept_indices, stats.image_tokens, first_layer_decode=config.trim_first_layer_cache
     ):
         torch.testing.assert_close(trimmed_logits, run_two_steps(), atol=1e-5, rtol=0)
+
+
+def test_per_sample_kv_bytes_equal_the_cache_of_that_sample_alone(model, processor):
+    def cross_cache_bytes(cache):
+        layers = text_model(model).config.cross_attention_layers
+        return sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in layers)
+
+    for b in range(len(BATCH)):
+        alone = inputs(processor, [BATCH[b]], seed=10 * b)
+        full_cache = forward(model, alone, use_cache=True).past_key_values
+        with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:
+            cache = forward(model, alone, use_cache=True).past_key_values
+        assert handle.stats.sample_kv_bytes(0) == (cross_cache_bytes(full_cache), cross_cache_bytes(cache))

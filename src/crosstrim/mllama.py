@@ -46,6 +46,14 @@ class TrimStats:
     trimmed_layers: int
     kv_bytes_full: int
     kv_bytes_kept: int
+    kv_bytes_per_token: int
+
+    def sample_kv_bytes(self, b: int) -> tuple[int, int]:
+        """Cross-attention KV bytes ``(full, kept)`` sample ``b`` holds when run alone (no batch padding)."""
+        untrimmed = self.cross_layers - self.trimmed_layers
+        full = self.cross_layers * self.image_tokens * self.kv_bytes_per_token
+        kept = (self.trimmed_layers * self.kept_counts[b] + untrimmed * self.image_tokens) * self.kv_bytes_per_token
+        return full, kept
 
     @property
     def kept_fraction(self) -> tuple[float, ...]:
@@ -333,6 +341,7 @@ class TrimHandle:
             trimmed_layers=trimmed,
             kv_bytes_full=full * len(self._layers),
             kv_bytes_kept=slim * trimmed + full * (len(self._layers) - trimmed),
+            kv_bytes_per_token=method.kv_bytes(1, 1, kv_heads, head_dim, size),
         )
 
 
