@@ -98,7 +98,8 @@ def tiny_config(
         "intermediate_size": text_hidden * 2,
         "cross_attention_layers": list(cross_attention_layers),
         "max_position_embeddings": 512,
-        "rope_scaling": {"rope_type": "default", "rope_theta": 10000.0},
+        "rope_scaling": {"rope_type": "default"},
+        "rope_theta": 10000.0,
         "pad_token_id": pad_token_id,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
@@ -131,6 +132,7 @@ def build_processor(words: Sequence[str] = DEFAULT_WORDS, *, image_size: int = 3
         unk_token="<|unk|>",
         additional_special_tokens=["<|image|>", "<|python_tag|>"],
         padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
     )
     image_processor = ImageProcessor(size={"height": image_size, "width": image_size}, max_image_tiles=max_num_tiles)
     return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
