@@ -170,10 +170,22 @@ def test_selection_matches_eager_attention_weights(processor, batch):
         assert torch.equal(handle.stats.kept_indices[b], keep[b].nonzero().flatten())
 
 
-def test_padding_never_influences_selection(model, processor):
-    """Different left-pad tokens and different padding-tile features leave the selection unchanged."""
-    batch = inputs(processor, [([2], "<|image|> what is the color of the circle ?"), ([1], "<|image|> it ?")])
-    assert (batch["attention_mask"] == 0).any()
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_never_influences_selection(model, processor, side):
+    """Different pad tokens and different padding-tile features leave the selection unchanged.
+
+    Right padding after the image is allowed by the cross-attention mask, so only the 2-D
+    attention_mask keeps those rows out of the scores.
+    """
+    processor.tokenizer.padding_side = side
+    try:
+        batch = inputs(processor, [([2], "<|image|> what is the color of the circle ?"), ([1], "<|image|> it ?")])
+    finally:
+        processor.tokenizer.padding_side = "left"
+    pad_rows = batch["attention_mask"] == 0
+    assert pad_rows.any()
+    if side == "right":
+        assert batch["cross_attention_mask"][pad_rows].any()
     other = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
     padding_tiles = dict(batch, pixel_values=batch["pixel_values"].clone())
     padding_tiles["pixel_values"][:, :, 2:] = torch.randn_like(padding_tiles["pixel_values"][:, :, 2:])
@@ -298,3 +310,14 @@ def test_per_sample_kv_bytes_equal_the_cache_of_that_sample_alone(model, process
         with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:
             cache = forward(model, alone, use_cache=True).past_key_values
         assert handle.stats.sample_kv_bytes(0) == (cross_cache_bytes(full_cache), cross_cache_bytes(cache))
+
+
+def test_torch_compile_graph_breaks_around_selection_and_matches_eager(model, batch):
+    with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:
+        compiled = torch.compile(model, backend="eager")
+        with torch.no_grad():
+            logits = compiled(**batch).logits
+            eager = model(**batch).logits
+        assert handle.stats.kept_counts[0] < handle.stats.valid_counts[0]
+        torch.testing.assert_close(logits, eager, atol=1e-5, rtol=0)
+        assert torch.equal(compiled.generate(**batch, **GREEDY), model.generate(**batch, **GREEDY))

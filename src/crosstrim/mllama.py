@@ -178,20 +178,11 @@ class TrimHandle:
     def active(self) -> bool:
         return bool(self._hooks)
 
-    def __enter__(self) -> TrimHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
     # -- hooks -----------------------------------------------------------------------------------
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                "crosstrim keeps a data-dependent number of image tokens and cannot run under "
-                "torch.compile; run the trimmed model eagerly"
-            )
+        # Under torch.compile the data-dependent selection graph-breaks and runs eagerly, so
+        # compiled models work; only pre-allocated (static) caches are refused.
         cache = kwargs.get("past_key_values")
         _check_cache(cache, self._layers)
         self._step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache)
@@ -217,8 +208,13 @@ class TrimHandle:
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, length = hidden.shape[:2]
         tokens = states.numel() // (batch * states.shape[-1])
+        # Under accelerate's dispatch (device_map="auto" over several GPUs) this hook sees the kwargs
+        # as passed to the layer, before they moved to its execution device, where the captured keys
+        # live: select on that device.
+        device = step.key.device if step.key is not None else mask.device
+        mask = mask.to(device)
         rows = method.scoring_rows(
-            kwargs.get("full_text_row_masked_out_mask"), step.attention_mask, batch, length, mask.device
+            kwargs.get("full_text_row_masked_out_mask"), step.attention_mask, batch, length, device
         )
         valid = method.valid_tokens(mask, rows)
         if self.config.is_identity:
