@@ -12,7 +12,10 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,lmms]"
+	@# lmms-eval pulls torchvision from PyPI; one built for another torch cannot even be imported
+	@# ("operator torchvision::nms does not exist") and then breaks transformers' imports. Drop it.
+	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/python -m pip uninstall -q -y torchvision
 	touch $@
 
 venv: $(BIN)/.installed

@@ -79,22 +79,31 @@ def attention_scores(
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads cannot share {kv_heads} KV heads")
     groups = heads // kv_heads
-    key_t = key.transpose(-1, -2)[:, :, None]  # (B, G, 1, d, N)
-    scores = torch.zeros(batch, heads, tokens, dtype=torch.float32, device=query.device)
+    # One GEMM per KV head covers every query head of its group: (B, G, groups * l, d) @ (B, G, d, N).
+    # Broadcasting a (B, G, 1, d, N) key instead would copy it `groups` times per chunk. Mllama's keys
+    # are a transposed view ((B, N, G, d) in memory), which bmm cannot batch without a copy: copy once
+    # here, not once per chunk.
+    key_t = key.contiguous().transpose(-1, -2)
+    scores = torch.zeros(batch, heads, 1, tokens, dtype=torch.float32, device=query.device)
     chunk = max(1, max_elements // max(1, batch * heads * tokens))
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         weight = rows[:, start:stop]
         if not bool(weight.any()):
             continue
-        q = query[:, :, start:stop].reshape(batch, kv_heads, groups, stop - start, dim)
-        logits = torch.matmul(q, key_t) * scaling  # (B, G, groups, l, N)
-        logits = logits.reshape(batch, heads, stop - start, tokens)
+        rows_n = stop - start
+        q = query[:, :, start:stop].reshape(batch, kv_heads, groups * rows_n, dim)
+        logits = torch.matmul(q, key_t).view(batch, heads, rows_n, tokens).mul_(scaling)
         if additive_mask is not None:
-            logits = logits + additive_mask[:, :, start:stop]
+            mask = additive_mask[:, :, start:stop]
+            if bool(mask.any()):  # an all-zero mask (every token allowed, the common case) changes nothing
+                logits.add_(mask)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        scores += torch.einsum("bhln,bl->bhn", probs, weight.to(torch.float32))
-    return scores
+        del logits
+        # Sum over rows as a (B, H, 1, l) @ (B, H, l, N) product: one read of the probabilities.
+        row_weight = weight.to(torch.float32)[:, None, None, :].expand(batch, heads, 1, rows_n)
+        scores += torch.matmul(row_weight, probs)
+    return scores[:, :, 0]
 
 
 def _keep_top(key: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -206,9 +215,24 @@ def keep_to_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order.masked_fill(~slot_valid, 0), slot_valid
 
 
+def _flat_rows(index: torch.Tensor, groups: int, length: int) -> torch.Tensor:
+    """Row numbers in a ``(B * groups * length, D)`` view of the rows ``index`` ``(B, K)`` picks in every group."""
+    batch = index.shape[0]
+    base = torch.arange(batch * groups, device=index.device).view(batch, groups, 1) * length
+    return (base + index[:, None, :]).reshape(-1)
+
+
 def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather ``(B, N, D)`` image features to ``(B, K, D)``."""
-    return torch.gather(states, 1, index[:, :, None].expand(-1, -1, states.shape[-1]))
+    """Gather ``(B, N, D)`` image features to ``(B, K, D)``.
+
+    ``index_select`` on a flat view copies whole rows (several times faster than ``torch.gather``
+    with an expanded index, which copies element by element).
+    """
+    batch, tokens, dim = states.shape
+    if not states.is_contiguous():  # a flat view would copy everything first
+        return torch.gather(states, 1, index[:, :, None].expand(-1, -1, dim))
+    rows = _flat_rows(index, 1, tokens)
+    return states.view(batch * tokens, dim).index_select(0, rows).view(batch, index.shape[1], dim)
 
 
 def gather_mask(additive_mask: torch.Tensor, index: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
@@ -224,8 +248,11 @@ def gather_mask(additive_mask: torch.Tensor, index: torch.Tensor, slot_valid: to
 
 def gather_cache(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather a cached ``(B, G, N, d)`` key or value tensor to ``(B, G, K, d)``."""
-    batch, heads, _, dim = tensor.shape
-    return torch.gather(tensor, 2, index[:, None, :, None].expand(batch, heads, -1, dim))
+    batch, heads, tokens, dim = tensor.shape
+    if not tensor.is_contiguous():  # Mllama caches a transposed view; a flat view would copy it first
+        return torch.gather(tensor, 2, index[:, None, :, None].expand(batch, heads, -1, dim))
+    rows = _flat_rows(index, heads, tokens)
+    return tensor.view(batch * heads * tokens, dim).index_select(0, rows).view(batch, heads, index.shape[1], dim)
 
 
 def kv_bytes(batch: int, tokens: int, kv_heads: int, head_dim: int, element_size: int) -> int:

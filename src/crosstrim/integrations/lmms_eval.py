@@ -1,0 +1,487 @@
+"""lmms-eval model ``llama_vision_trimmed``: Llama-3.2-Vision with crosstrim, batched and greedy.
+
+Installed with ``pip install "crosstrim[lmms]"``; crosstrim registers the model through lmms-eval's
+entry-point group ``lmms_eval.models``, so no lmms-eval file is edited::
+
+    lmms-eval --model llama_vision_trimmed \\
+        --model_args pretrained=meta-llama/Llama-3.2-11B-Vision-Instruct,method=trimmed,k_ratio=0.25,batch_size=8 \\
+        --tasks mme,pope --output_path results/ --log_samples
+
+Model arguments (``--model_args key=value,...``):
+
+* ``pretrained``: a local checkpoint folder or a Hub id;
+* ``method``: ``trimmed`` (default), ``mean``, ``random``, ``uniform``, or ``full`` for the untrimmed
+  model; ``k_ratio`` / ``keep_ratio`` / ``seed`` / ``trim_first_layer_cache`` as in
+  :class:`crosstrim.TrimConfig`;
+* ``batch_size`` (default 1; overrides ``--batch_size``), ``max_new_tokens`` (used when a task sets
+  none; default 1024, as lmms-eval's ``llama_vision``);
+* ``device`` (``auto``: ``cuda:LOCAL_RANK`` when CUDA is there, else ``cpu``), ``dtype`` (``auto``:
+  bfloat16 on GPU, float32 on CPU), ``device_map`` (e.g. ``auto``: one process spreads the model
+  over every visible GPU, for 90B);
+* ``stats_path``: also write one JSON line per request (kept tokens, KV bytes) to this file
+  (``.rankN`` is added before the suffix when several processes run).
+
+Answers are greedy and deterministic: a task's ``do_sample``/``temperature``/``num_beams`` are
+ignored with a warning; ``until`` stop strings are applied. Requests are answered in batches by
+:func:`crosstrim.tools.inference.predict`, the loop ``crosstrim eval`` uses. Every response carries
+its trimming numbers in lmms-eval's per-sample ``token_counts`` (written with ``--log_samples``):
+``crosstrim_kept``, ``crosstrim_valid``, ``crosstrim_kept_fraction``, ``crosstrim_kv_bytes_full``,
+``crosstrim_kv_bytes_kept``. Under lmms-eval's multi-process launch (``accelerate launch
+--num_processes N -m lmms_eval ...`` or ``torchrun``), every process answers its shard of the
+documents on ``cuda:LOCAL_RANK`` (or the CPU) and lmms-eval gathers the results.
+
+:func:`write_task` turns crosstrim items (e.g. a VLMEvalKit TSV read by
+:mod:`crosstrim.tools.vlmeval`) into a local lmms-eval task scored with the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from PIL import Image
+
+from crosstrim.config import METHODS, TrimConfig
+from crosstrim.integrations import LMMS_EVAL_MODEL
+from crosstrim.tools import checkpoint, vlmeval
+from crosstrim.tools.dataset import Item
+from crosstrim.tools.inference import Prediction, predict
+
+UNTRIMMED = ("full", "none")
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+@dataclass
+class TrimCounts(TokenCounts):
+    """lmms-eval's per-request counters plus what trimming kept, so they land in the logged samples."""
+
+    crosstrim_method: str | None = None
+    crosstrim_kept: int | None = None
+    crosstrim_valid: int | None = None
+    crosstrim_kv_bytes_full: int | None = None
+    crosstrim_kv_bytes_kept: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = dict(super().to_dict())
+        record["crosstrim_method"] = self.crosstrim_method
+        if self.crosstrim_kept is not None:
+            record["crosstrim_kept"] = self.crosstrim_kept
+            record["crosstrim_valid"] = self.crosstrim_valid
+            record["crosstrim_kept_fraction"] = (
+                self.crosstrim_kept / self.crosstrim_valid if self.crosstrim_valid else 1.0
+            )
+            record["crosstrim_kv_bytes_full"] = self.crosstrim_kv_bytes_full
+            record["crosstrim_kv_bytes_kept"] = self.crosstrim_kv_bytes_kept
+        return record
+
+
+def trim_config(
+    method: str = "trimmed",
+    k_ratio: float | None = None,
+    keep_ratio: float | None = None,
+    seed: int = 0,
+    trim_first_layer_cache: bool = False,
+) -> TrimConfig | None:
+    """The :class:`TrimConfig` model arguments describe (``None`` for ``method=full``)."""
+    if method in UNTRIMMED:
+        if k_ratio is not None or keep_ratio is not None:
+            raise ValueError(f"method={method} runs the untrimmed model; drop k_ratio/keep_ratio")
+        return None
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*METHODS, 'full'))}")
+    return TrimConfig(
+        method=method,
+        k_ratio=None if k_ratio is None else float(k_ratio),
+        keep_ratio=None if keep_ratio is None else float(keep_ratio),
+        seed=int(seed),
+        trim_first_layer_cache=bool(trim_first_layer_cache),
+    )
+
+
+def _flatten(visuals: Any) -> Iterable[Any]:
+    if isinstance(visuals, (list, tuple)):
+        for visual in visuals:
+            yield from _flatten(visual)
+    elif visuals is not None:
+        yield visuals
+
+
+def _images(visuals: Any, where: str) -> tuple[Image.Image, ...]:
+    images = []
+    for visual in _flatten(visuals):
+        if not isinstance(visual, Image.Image):
+            raise ValueError(
+                f"{where}: {LMMS_EVAL_MODEL} answers about images; got a {type(visual).__name__} visual "
+                "(videos and audio are not supported)"
+            )
+        images.append(visual if visual.mode == "RGB" else visual.convert("RGB"))
+    if not images:
+        raise ValueError(f"{where}: the request has no image; crosstrim trims image features, use an image task")
+    return tuple(images)
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    """The text before the first stop string (lmms-eval's ``until``)."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+class LlamaVisionTrimmed(lmms):
+    """Llama-3.2-Vision (Mllama) with crosstrim trimming, for lmms-eval ``generate_until`` tasks."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        method: str = "trimmed",
+        k_ratio: float | None = None,
+        keep_ratio: float | None = None,
+        seed: int = 0,
+        trim_first_layer_cache: bool = False,
+        batch_size: int | str = 1,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        device: str = "auto",
+        dtype: str = "auto",
+        device_map: str | None = None,
+        stats_path: str | None = None,
+        max_batch_size: int | None = None,  # lmms-eval passes it; batches have a fixed size here
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise TypeError(
+                f"{LMMS_EVAL_MODEL} got unknown model_args {', '.join(sorted(unknown))}; it takes pretrained, "
+                "method, k_ratio, keep_ratio, seed, trim_first_layer_cache, batch_size, max_new_tokens, device, "
+                "dtype, device_map, stats_path"
+            )
+        self.config = trim_config(method, k_ratio, keep_ratio, seed, trim_first_layer_cache)
+        if not str(batch_size).isdigit():
+            raise ValueError(f"batch_size must be a whole number (no automatic batch size), got {batch_size!r}")
+        self.batch_size_per_process = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        if self.batch_size_per_process < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be at least 1")
+        self._rank = int(os.environ.get("RANK", 0))
+        self._world_size = int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device_map and self._world_size > 1:
+            raise ValueError("device_map spreads one model over the GPUs; launch one process, not several")
+        self._model, self.processor = self._load(str(pretrained), device, dtype, device_map, local_rank)
+        self._device = next(self._model.parameters()).device if device_map else self._model.device
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+        self.stats_path = self._stats_file(stats_path)
+        self._warned: set[str] = set()
+
+    @staticmethod
+    def _load(pretrained: str, device: str, dtype: str, device_map: str | None, local_rank: int):
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
+        elif device == "auto":
+            device = "cpu"
+        if Path(pretrained).is_dir() and not device_map:
+            return checkpoint.load(pretrained, device, dtype)  # clear errors for a local folder
+        from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+        if dtype == "auto":
+            dtype = "bfloat16" if device_map or torch.device(device).type == "cuda" else "float32"
+        kwargs: dict[str, Any] = {"dtype": checkpoint.DTYPES[dtype]}
+        if device_map:
+            kwargs["device_map"] = device_map
+        model = MllamaForConditionalGeneration.from_pretrained(pretrained, **kwargs)
+        if not device_map:
+            model = model.to(device)
+        return model.eval(), AutoProcessor.from_pretrained(pretrained)
+
+    def _stats_file(self, stats_path: str | None) -> Path | None:
+        if not stats_path:
+            return None
+        path = Path(stats_path)
+        if self._world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{self._rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        return path
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """As lmms-eval's, except that ``--model_args`` win over the CLI's ``--batch_size``/``--device``."""
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
+
+    # -- lmms-eval interface -------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_process
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError(f"{LMMS_EVAL_MODEL} answers generate_until tasks only (no loglikelihood)")
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError(f"{LMMS_EVAL_MODEL} answers single-round generate_until tasks only")
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        items, lengths, stops = [], [], []
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            where = f"{task}/{split}/{doc_id}"
+            images = _images(doc_to_visual(self.task_dict[task][split][doc_id]), where)
+            items.append(Item(id=where, images=images, prompt=context, answer="", category=task))
+            gen_kwargs = dict(gen_kwargs or {})
+            self._warn_sampling(gen_kwargs)
+            lengths.append(int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens))
+            until = gen_kwargs.get("until") or []
+            stops.append([until] if isinstance(until, str) else list(until))
+        predictions: list[Prediction | None] = [None] * len(items)
+        start = time.perf_counter()
+        bar = _progress(len(items), disable=self.rank != 0)
+        for length in dict.fromkeys(lengths):  # one predict call per max_new_tokens, order kept
+            rows = [r for r, n in enumerate(lengths) if n == length]
+            answers = predict(
+                self.model,
+                self.processor,
+                [items[r] for r in rows],
+                self.config,
+                batch_size=self.batch_size_per_process,
+                max_new_tokens=length,
+                progress=bar.update,
+            )
+            for row, answer in zip(rows, answers):
+                predictions[row] = answer
+        bar.close()
+        done = [p for p in predictions if p is not None]
+        results = [self._result(p, stop) for p, stop in zip(done, stops)]
+        self._log(requests, done, time.perf_counter() - start)
+        return results
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _warn_sampling(self, gen_kwargs: dict) -> None:
+        asked = [
+            key
+            for key, off in (("do_sample", False), ("temperature", 0), ("num_beams", 1))
+            if gen_kwargs.get(key) not in (None, off, 0.0)
+        ]
+        for key in asked:
+            if key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(
+                    f"{LMMS_EVAL_MODEL} decodes greedily; ignoring the task's {key}={gen_kwargs[key]!r}",
+                    stacklevel=3,
+                )
+
+    def _result(self, prediction: Prediction, until: Sequence[str]) -> GenerationResult:
+        counts = TrimCounts(
+            crosstrim_method=self.config.describe() if self.config is not None else "full",
+            crosstrim_kept=prediction.kept,
+            crosstrim_valid=prediction.valid,
+            crosstrim_kv_bytes_full=prediction.kv_bytes_full,
+            crosstrim_kv_bytes_kept=prediction.kv_bytes_kept,
+        )
+        return GenerationResult(text=_cut(prediction.text, until), token_counts=counts)
+
+    def _log(self, requests: Sequence[Instance], predictions: Sequence[Prediction], seconds: float) -> None:
+        """Per-request numbers to ``stats_path``; a one-line summary of this process's shard to the log."""
+        real = [(r, p) for r, p in zip(requests, predictions) if not (r.metadata or {}).get("__padding_only__")]
+        if self.stats_path is not None:
+            with self.stats_path.open("a", encoding="utf-8") as handle:
+                for request, p in real:
+                    _, _, _, doc_id, task, split = request.args
+                    record = {"task": task, "split": split, "doc_id": doc_id, "rank": self.rank}
+                    record |= {k: v for k, v in _record(p).items() if k != "id"}
+                    handle.write(json.dumps(record) + "\n")
+        fractions = [p.kept_fraction for _, p in real if p.kept_fraction is not None]
+        if fractions:
+            from loguru import logger
+
+            kept = sum(p.kv_bytes_kept or 0 for _, p in real) / max(1, sum(p.kv_bytes_full or 0 for _, p in real))
+            logger.info(
+                f"{LMMS_EVAL_MODEL} rank {self.rank}: {len(real)} requests in {seconds:.1f}s, "
+                f"{self.config.describe() if self.config else 'full'} kept {sum(fractions) / len(fractions):.1%} "
+                f"of image tokens, cross-attention KV {kept:.1%} of full"
+            )
+
+
+def _record(prediction: Prediction) -> dict[str, Any]:
+    return {
+        "id": prediction.id,
+        "kept": prediction.kept,
+        "valid": prediction.valid,
+        "kept_fraction": prediction.kept_fraction,
+        "kv_bytes_full": prediction.kv_bytes_full,
+        "kv_bytes_kept": prediction.kv_bytes_kept,
+    }
+
+
+def _progress(total: int, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=disable, desc="Model Responding")
+
+
+# -- local tasks -----------------------------------------------------------------------------------
+
+_UTILS = '''"""lmms-eval hooks of task {name!r}, written by crosstrim.integrations.lmms_eval.write_task."""
+
+from pathlib import Path
+
+from crosstrim.integrations import lmms_eval as _crosstrim
+
+_ROOT = Path(__file__).resolve().parent
+METRICS = {metrics!r}
+
+
+def doc_to_visual(doc):
+    return _crosstrim.doc_to_visual(doc, _ROOT)
+
+
+doc_to_text = _crosstrim.doc_to_text
+process_results = _crosstrim.results_for(METRICS)
+{aggregators}
+'''
+
+
+def _metric_names(items: Sequence[Item]) -> list[str]:
+    """The run-level metrics of a task: the benchmark's (see :func:`crosstrim.tools.vlmeval.score`)."""
+    benchmark = items[0].extra.get("benchmark")
+    if benchmark is None or any(item.extra.get("benchmark") != benchmark for item in items):
+        raise ValueError("write_task takes the items of one VLMEvalKit benchmark (crosstrim.tools.vlmeval.load_tsv)")
+    heads = {
+        "MME": ["perception", "cognition", "total", "acc", "acc+"],
+        "POPE": ["f1", "acc", "precision", "recall", "yes_ratio"],
+        "MMVP": ["acc", "pair_acc"],
+    }
+    return [*heads.get(benchmark, ["acc"]), "unknown"]
+
+
+def _identifier(metric: str) -> str:
+    return "aggregate_" + metric.replace("+", "_plus").replace("/", "_").replace("-", "_")
+
+
+def write_task(
+    items: Sequence[Item], directory: str | Path, name: str, *, max_new_tokens: int = 128, until: Sequence[str] = ()
+) -> Path:
+    """Write ``items`` as a local lmms-eval task: ``NAME.yaml``, ``docs.jsonl``, ``images/``, ``utils.py``.
+
+    Run it with ``lmms-eval --include_path DIRECTORY --tasks NAME ...`` (no Hub access: the data is
+    read with the ``json`` builder). The task's metrics are the benchmark's, computed by
+    :func:`crosstrim.tools.vlmeval.score` over all documents, so lmms-eval reports exactly what
+    ``crosstrim eval`` computes from the same answers. ``max_new_tokens`` defaults to 128, the
+    budget VLMEvalKit gives Llama-3.2-Vision on yes/no and multiple-choice benchmarks.
+    """
+    if not items:
+        raise ValueError("write_task needs at least one item")
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"task name {name!r} must be letters, digits and underscores")
+    metrics = _metric_names(items)
+    root = Path(directory)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    with (root / "docs.jsonl").open("w", encoding="utf-8") as handle:
+        for number, item in enumerate(items):
+            paths = []
+            for k, image in enumerate(item.images):
+                relative = f"images/{number}_{k}.png"
+                image.save(root / relative)
+                paths.append(relative)
+            doc = {
+                "id": item.id,
+                "images": paths,
+                "prompt": item.prompt,
+                "answer": item.answer,
+                "category": item.category,
+                "extra": json.dumps(item.extra),
+            }
+            handle.write(json.dumps(doc) + "\n")
+    metric_list = "".join(
+        f"  - metric: {json.dumps(metric)}\n    aggregation: !function utils.{_identifier(metric)}\n"
+        f"    higher_is_better: {'false' if metric == 'unknown' else 'true'}\n"
+        for metric in metrics
+    )
+    generation = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+    if until:
+        generation["until"] = list(until)
+    (root / f"{name}.yaml").write_text(
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n  data_files:\n    test: docs.jsonl\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_visual: !function utils.doc_to_visual\n"
+        "doc_to_text: !function utils.doc_to_text\n"
+        "doc_to_target: answer\n"
+        f"generation_kwargs: {json.dumps(generation)}\n"
+        "process_results: !function utils.process_results\n"
+        f"metric_list:\n{metric_list}"
+        "metadata:\n  version: 0.0\n"
+    )
+    aggregators = "".join(f"{_identifier(m)} = _crosstrim.aggregator({m!r})\n" for m in metrics)
+    (root / "utils.py").write_text(_UTILS.format(name=name, metrics=metrics, aggregators=aggregators))
+    return root / f"{name}.yaml"
+
+
+def doc_to_visual(doc: dict, root: Path) -> list[Image.Image]:
+    """The document's images (paths relative to its task folder), as RGB."""
+    return [checkpoint.load_image(root / path) for path in doc["images"]]
+
+
+def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
+    return doc["prompt"]
+
+
+def results_for(metrics: Sequence[str]) -> Callable[[dict, list[str]], dict[str, dict]]:
+    """``process_results`` of a written task: each metric gets the answer with what scoring needs."""
+
+    def process_results(doc: dict, results: list[str]) -> dict[str, dict]:
+        payload = {key: doc[key] for key in ("id", "answer", "category", "extra")}
+        payload["prediction"] = results[0] if results else ""
+        return dict.fromkeys(metrics, payload)
+
+    return process_results
+
+
+def aggregator(metric: str) -> Callable[[list[dict]], float]:
+    """The aggregation of ``metric``: the benchmark's score over all answered documents."""
+
+    def aggregate(payloads: list[dict]) -> float:
+        unique = list({p["id"]: p for p in payloads}.values())  # padding duplicates count once
+        items = [Item(p["id"], (), "", p["answer"], p["category"], json.loads(p["extra"])) for p in unique]
+        return vlmeval.score(items, [p["prediction"] for p in unique])[metric]
+
+    aggregate.__name__ = _identifier(metric)
+    return aggregate
+
+
+__all__ = [
+    "LlamaVisionTrimmed",
+    "TrimCounts",
+    "aggregator",
+    "doc_to_text",
+    "doc_to_visual",
+    "results_for",
+    "trim_config",
+    "write_task",
+]

@@ -1,0 +1,259 @@
+"""``crosstrim eval``: accuracy against kept image features for every selection method (the paper's Fig. 5).
+
+One dataset is answered by the untrimmed model and by each selection rule at several budgets; the
+result is a table (accuracy per category, kept fraction, cross-attention KV cache), a JSON file with
+the configuration, library versions and every prediction, and a plot of accuracy against the
+fraction of image tokens kept. Greedy decoding in a fixed order makes every number reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import crosstrim
+from crosstrim.config import TrimConfig
+from crosstrim.testbed import data as testbed_data
+from crosstrim.tools import UserError, options, sources
+from crosstrim.tools.dataset import Item
+from crosstrim.tools.inference import Prediction, predict
+from crosstrim.tools.testbed import load_model, progress_bar
+
+# "Later layers see one token": the budget that keeps a single token per image (1e-4 * N < 1 for
+# N <= 10,000 image tokens, i.e. any Llama-3.2-Vision input). It measures how much the model needs
+# the later cross-attention layers at all; a testbed where this costs little cannot rank selections.
+ONE_TOKEN = 1e-4
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluated configuration: a label, the method family it belongs to, and its trim config."""
+
+    label: str
+    family: str
+    config: TrimConfig | None
+
+
+def plan(k_ratios: list[float], keep_ratios: list[float], methods: list[str]) -> list[Run]:
+    """The runs of one evaluation, untrimmed first."""
+    runs = [Run("full", "full", None)]
+    runs += [Run(f"trimmed k={k:g}", "trimmed (k_ratio)", TrimConfig(k_ratio=k)) for k in k_ratios]
+    for keep in keep_ratios:
+        for name in methods:
+            runs.append(Run(f"{name} keep={keep:g}", f"{name} (keep_ratio)", TrimConfig(method=name, keep_ratio=keep)))
+    runs.append(Run("later layers: 1 token", "one token", TrimConfig(method="uniform", keep_ratio=ONE_TOKEN)))
+    return runs
+
+
+def summarise(run: Run, items: list[Item], predictions: list[Prediction], score: sources.Scorer) -> dict:
+    """Accuracy overall and per category, kept fraction and KV bytes, and the per-item records."""
+    records, by_category = [], {}
+    for item, pred in zip(items, predictions):
+        correct = score(item, pred.text)
+        by_category.setdefault(item.category, []).append((correct, pred.kept_fraction))
+        records.append(
+            {
+                "id": item.id,
+                "category": item.category,
+                "prediction": pred.text,
+                "answer": item.answer,
+                "correct": correct,
+                "kept": pred.kept,
+                "valid": pred.valid,
+            }
+        )
+    fractions = [p.kept_fraction for p in predictions if p.kept_fraction is not None]
+    kv_full = [p.kv_bytes_full for p in predictions if p.kv_bytes_full is not None]
+    kv_kept = [p.kv_bytes_kept for p in predictions if p.kv_bytes_kept is not None]
+    return {
+        "label": run.label,
+        "family": run.family,
+        "config": asdict(run.config) if run.config is not None else None,
+        "accuracy": sum(r["correct"] for r in records) / len(records),
+        "per_category": {
+            cat: {
+                "accuracy": sum(c for c, _ in rows) / len(rows),
+                "kept_fraction": statistics.fmean(f for _, f in rows) if rows[0][1] is not None else 1.0,
+                "items": len(rows),
+            }
+            for cat, rows in by_category.items()
+        },
+        "kept_fraction": statistics.fmean(fractions) if fractions else 1.0,
+        "kept_fraction_std": statistics.pstdev(fractions) if fractions else 0.0,
+        "kv_bytes_full": statistics.fmean(kv_full) if kv_full else None,
+        "kv_bytes_kept": statistics.fmean(kv_kept) if kv_kept else None,
+        "predictions": records,
+    }
+
+
+def table(results: list[dict]) -> str:
+    """A Markdown table: one row per run, accuracy per category, kept fraction, KV cache per sample."""
+    categories = list(results[0]["per_category"])
+    full_kv = next((r["kv_bytes_full"] for r in results if r["kv_bytes_full"]), None)
+    head = ["run", "kept (mean ± sd)", "cross-attn KV / sample", "accuracy", *categories]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        kv = r["kv_bytes_kept"] if r["kv_bytes_kept"] is not None else full_kv
+        kv_text = f"{kv / 1024:.1f} KiB" if kv is not None else "n/a"
+        kept = f"{r['kept_fraction']:.1%} ± {r['kept_fraction_std']:.1%}"
+        cells = [r["label"], kept, kv_text, f"{r['accuracy']:.1%}"]
+        cells += [f"{r['per_category'][c]['accuracy']:.1%}" for c in categories]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kept_by_category(results: list[dict]) -> str:
+    """Kept fraction per category under the adaptive rule: the budget it chooses per question family."""
+    adaptive = [r for r in results if r["family"] == "trimmed (k_ratio)"]
+    if not adaptive:
+        return ""
+    categories = list(adaptive[0]["per_category"])
+    lines = ["| run | " + " | ".join(categories) + " |", "|" + "---|" * (len(categories) + 1)]
+    for r in adaptive:
+        cells = [f"{r['per_category'][c]['kept_fraction']:.1%}" for c in categories]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Accuracy against mean kept fraction, one line per method family, one panel per category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = list(results[0]["per_category"])
+    panels = ["all"] + (categories if 1 < len(categories) <= 4 else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    families = [f for f in dict.fromkeys(r["family"] for r in results) if f not in ("full", "one token")]
+    for ax, panel in zip(axes[0], panels):
+
+        def acc(r, panel=panel):
+            return r["accuracy"] if panel == "all" else r["per_category"][panel]["accuracy"]
+
+        def kept(r, panel=panel):
+            return r["kept_fraction"] if panel == "all" else r["per_category"][panel]["kept_fraction"]
+
+        for family in families:
+            rows = sorted((r for r in results if r["family"] == family), key=kept)
+            ax.plot([kept(r) for r in rows], [acc(r) for r in rows], marker="o", label=family)
+        for r in results:
+            if r["family"] == "full":
+                ax.axhline(acc(r), color="black", linestyle="--", linewidth=1, label="full")
+            if r["family"] == "one token":
+                ax.axhline(acc(r), color="grey", linestyle=":", linewidth=1, label="later layers: 1 token")
+        ax.set_title(panel)
+        ax.set_xlabel("kept fraction of image tokens")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "crosstrim": crosstrim.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _ratios(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise UserError(f"{flag} takes comma-separated numbers, e.g. 0.5,0.25; got {text!r}") from err
+    if any(not 0 < v <= 1 for v in values):
+        raise UserError(f"{flag} values must be in (0, 1]; got {text!r}")
+    return values
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="accuracy vs kept image features for every selection method")
+    options.add_model_arguments(parser, required=False)
+    parser.add_argument("--data", metavar="FILE", help="dataset file (.jsonl); default: the testbed held-out split")
+    parser.add_argument("--limit", type=int, default=600, help="use the first N items (default 600)")
+    parser.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder (default runs/eval)")
+    parser.add_argument("--k-ratios", default="0.5,0.25,0.15,0.1,0.05", help="trimmed k_ratio sweep")
+    parser.add_argument("--keep-ratios", default="0.75,0.5,0.25,0.1", help="exact-budget sweep for every method")
+    parser.add_argument(
+        "--methods", default="trimmed,mean,random,uniform", help="methods of the exact-budget sweep (comma-separated)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.limit < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in crosstrim.config.METHODS]
+    if unknown:
+        raise UserError(
+            f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(crosstrim.config.METHODS)}"
+        )
+    runs = plan(_ratios(args.k_ratios, "--k-ratios"), _ratios(args.keep_ratios, "--keep-ratios"), methods)
+    runs = [Run(r.label, r.family, r.config and TrimConfig(**{**asdict(r.config), "seed": args.seed})) for r in runs]
+    if args.data:
+        items, score = sources.load(args.data)
+        items = items[: args.limit]
+        data_name = args.data
+    else:
+        items, score = testbed_data.heldout(args.limit), sources.exact_match
+        data_name = f"testbed held-out split (seed {testbed_data.HELDOUT_SEED}, first {args.limit})"
+    model, processor, model_name = load_model(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with progress_bar() as bar:
+        task = bar.add_task("eval", total=len(items) * len(runs), note="")
+        for r in runs:
+            bar.update(task, description=f"{r.label:<24}")
+            predictions = predict(
+                model,
+                processor,
+                items,
+                r.config,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                progress=lambda n: bar.advance(task, n),
+            )
+            results.append(summarise(r, items, predictions, score))
+    title = f"{model_name} on {data_name}, {len(items)} items"
+    report = f"{title}\n\n{table(results)}\n"
+    adaptive = kept_by_category(results)
+    if adaptive:
+        report += f"\nKept fraction per category (trimmed, k_ratio):\n\n{adaptive}\n"
+    (out / "results.md").write_text(report)
+    setup = {
+        "model": model_name,
+        "data": data_name,
+        "items": len(items),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        "decoding": "greedy",
+    }
+    (out / "results.json").write_text(json.dumps({"setup": setup, "versions": versions(), "runs": results}, indent=1))
+    plot(results, out / "accuracy_vs_kept.png", title)
+    print(report)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy_vs_kept.png'}")
+    return 0

@@ -1,0 +1,161 @@
+"""`crosstrim eval`, `viz` and `demo` on the shipped testbed checkpoint, and their bad-input errors."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from crosstrim import cli
+from crosstrim.testbed import data
+from crosstrim.tools import UserError, sources
+from crosstrim.tools import eval as evaluate
+from crosstrim.tools.dataset import Item
+from crosstrim.tools.inference import Prediction
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_writes_table_json_and_plot(tmp_path, capsys):
+    code, out, err = run(
+        capsys, "eval", "--limit", "6", "--k-ratios", "0.25", "--keep-ratios", "0.5", "--methods", "trimmed,random",
+        "--out", tmp_path, "--device", "cpu", "--batch-size", "3", "--max-new-tokens", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    labels = ["full", "trimmed k=0.25", "trimmed keep=0.5", "random keep=0.5", "later layers: 1 token"]
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {label} |" in table for label in labels)
+    assert "| accuracy | local | relational | global |" in table
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["label"] for r in result["runs"]] == labels
+    assert {"torch", "transformers", "crosstrim"} <= set(result["versions"])
+    for r in result["runs"]:
+        assert len(r["predictions"]) == 6
+        assert r["accuracy"] == sum(p["correct"] for p in r["predictions"]) / 6
+    exact = next(r for r in result["runs"] if r["label"] == "random keep=0.5")
+    assert all(p["kept"] == -(-p["valid"] // 2) for p in exact["predictions"])
+    one = result["runs"][-1]
+    assert all(p["kept"] == 1 for p in one["predictions"]) and one["kv_bytes_kept"] < one["kv_bytes_full"]
+    with Image.open(tmp_path / "accuracy_vs_kept.png") as png:
+        assert png.format == "PNG" and png.width > 400
+    assert "full" in out and str(tmp_path / "results.md") in out
+
+
+def test_summary_counts_correct_answers_per_category():
+    items = [
+        Item(str(i), (), "q", answer, cat) for i, (answer, cat) in enumerate([("red", "a"), ("no", "a"), ("two", "b")])
+    ]
+    preds = [
+        Prediction("0", "Red.", 2, 4, 100, 50),
+        Prediction("1", "yes", 1, 4, 100, 40),
+        Prediction("2", "two", 4, 4),
+    ]
+    run_ = evaluate.Run("x", "trimmed (k_ratio)", None)
+    summary = evaluate.summarise(run_, items, preds, sources.exact_match)
+    assert summary["accuracy"] == pytest.approx(2 / 3)
+    assert summary["per_category"]["a"] == {"accuracy": 0.5, "kept_fraction": 0.375, "items": 2}
+    assert summary["kept_fraction"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
+    assert summary["kv_bytes_kept"] == 45
+
+
+def test_exact_match_compares_leading_words_only():
+    item = Item("0", (), "q", "red", "c")
+    assert sources.exact_match(item, "Red, it is.") and not sources.exact_match(item, "it is red")
+    assert not sources.exact_match(Item("0", (), "q", "", "c"), "")
+
+
+def test_eval_reads_a_jsonl_dataset(tmp_path, capsys):
+    assert cli.main(["testbed", "data", "--out", str(tmp_path / "d"), "--count", "3"]) == 0
+    code, _, err = run(
+        capsys, "eval", "--data", tmp_path / "d" / "heldout.jsonl", "--k-ratios", "0.5", "--keep-ratios", "0.5",
+        "--methods", "uniform", "--out", tmp_path / "r", "--device", "cpu", "--max-new-tokens", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert result["setup"]["items"] == 3 and result["setup"]["data"].endswith("heldout.jsonl")
+
+
+def test_viz_writes_a_png_for_a_testbed_item_and_for_an_image_file(tmp_path, capsys):
+    code, out, err = run(capsys, "viz", "--out", tmp_path / "a.png", "--device", "cpu", "--k-ratio", "0.1")
+    assert code == 0, err
+    assert "kept" in out
+    with Image.open(tmp_path / "a.png") as png:
+        assert png.width > 600 and png.height > 400
+    data.heldout(1, start=4)[0].images[0].save(tmp_path / "img.png")
+    code, out, err = run(
+        capsys, "viz", "--image", tmp_path / "img.png", "--prompt", "how many shapes are there ?", "--out",
+        tmp_path / "b.png", "--device", "cpu", "--method", "random", "--keep-ratio", "0.3",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "b.png").stat().st_size > 10_000
+
+
+def test_demo_answers_full_and_trimmed_side_by_side(tmp_path, capsys):
+    code, out, err = run(capsys, "demo", "--count", "4", "--viz", tmp_path / "demo.png", "--device", "cpu")
+    assert code == 0, err
+    assert "trimming: trimmed k=0.25" in out and "KiB ->" in out and "saved" in out
+    assert sum(line.startswith(data.FAMILIES) for line in out.splitlines()) == 4
+    assert (tmp_path / "demo.png").is_file()
+
+
+def test_overlap_of_top_tokens():
+    import torch
+
+    from crosstrim.tools import viz
+
+    valid = torch.tensor([True, True, True, True, False])
+    first = torch.tensor([4.0, 3.0, 0.0, 0.0, 9.0])
+    assert viz.overlap(first, torch.tensor([5.0, 0.0, 0.0, 0.0, 9.0]), valid, 0.25) == 1.0
+    assert viz.overlap(first, torch.tensor([0.0, 0.0, 5.0, 0.0, 9.0]), valid, 0.25) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--data", "{csv}"], "unknown dataset format '.csv'"),
+        (["eval", "--data", "{garbage}"], "line 1 is not JSON"),
+        (["eval", "--data", "{missing_keys}"], "missing 'images', 'answer'"),
+        (["eval", "--data", "{empty}"], "has no items"),
+        (["eval", "--data", "{nowhere}"], "does not exist"),
+        (["eval", "--model", "{not_mllama}"], "'llama' model"),
+        (["eval", "--k-ratios", "0.5,x"], "comma-separated numbers"),
+        (["eval", "--methods", "best"], "unknown method 'best'"),
+        (["viz", "--model", "{not_mllama}"], "'llama' model"),
+        (["viz", "--image", "{csv}", "--prompt", "what ?"], "cannot read image"),
+        (["viz", "--out", "{garbage}"], "must name a .png"),
+        (["demo", "--model", "{nowhere}"], "does not exist"),
+        (["testbed", "data", "--out", "{nowhere}", "--count", "0"], "--count must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys, argv, message):
+    (tmp_path / "not_mllama").mkdir()
+    (tmp_path / "not_mllama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    places = {
+        "csv": tmp_path / "data.csv",
+        "garbage": tmp_path / "garbage.jsonl",
+        "missing_keys": tmp_path / "keys.jsonl",
+        "empty": tmp_path / "empty.jsonl",
+        "nowhere": tmp_path / "nowhere.jsonl",
+        "not_mllama": tmp_path / "not_mllama",
+    }
+    places["csv"].write_text("a,b\n")
+    places["garbage"].write_text("{not json\n")
+    places["missing_keys"].write_text(json.dumps({"id": 1, "prompt": "p"}) + "\n")
+    places["empty"].write_text("\n")
+    code, _, err = (
+        run(capsys, *[a.format(**{k: str(v) for k, v in places.items()}) for a in argv], "--device", "cpu")
+        if argv[0] != "testbed"
+        else run(capsys, *[a.format(**{k: str(v) for k, v in places.items()}) for a in argv])
+    )
+    assert code == 2, err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_sources_registry_is_keyed_by_suffix():
+    assert set(sources.SOURCES) >= {".jsonl"}
+    with pytest.raises(UserError, match="unknown dataset format"):
+        sources.load("x.tsv" if ".tsv" not in sources.SOURCES else "x.parquet")
