@@ -109,3 +109,26 @@ def test_two_cpu_processes_give_the_predictions_of_one(tmp_path):
     assert [p["id"] for p in two] == [str(i) for i in range(7)]
     assert two == one  # texts and per-item kept / KV bytes
     assert all(p["kept"] < p["valid"] for p in one)
+
+
+def test_crosstrim_eval_under_torchrun_scores_like_one_process(tmp_path):
+    """`crosstrim eval` sharded over 2 gloo processes writes the runs a single process writes.
+
+    The random baseline is left out: its generator advances at every prefill, so its draws depend on
+    how many batches a process answered before (a known limit, documented in docs/evaluation.md).
+    """
+    args = ["eval", "--device", "cpu", "--limit", "12", "--batch-size", "4", "--max-new-tokens", "3"]
+    args += ["--k-ratios", "0.25", "--keep-ratios", "0.5", "--methods", "trimmed,mean,uniform"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = [*launcher, "-m", "crosstrim.cli", *args, "--out", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads((out / "results.json").read_text())
+        assert result["setup"]["processes"] == processes
+        runs[processes] = result["runs"]
+    assert len(runs[1]) >= 4
+    assert runs[1] == runs[2]

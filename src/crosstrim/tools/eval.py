@@ -20,9 +20,9 @@ import torch
 import crosstrim
 from crosstrim.config import TrimConfig
 from crosstrim.testbed import data as testbed_data
-from crosstrim.tools import UserError, options, sources
+from crosstrim.tools import UserError, distributed, options, sources
 from crosstrim.tools.dataset import Item
-from crosstrim.tools.inference import Prediction, predict
+from crosstrim.tools.inference import Prediction
 from crosstrim.tools.testbed import load_model, progress_bar
 
 # "Later layers see one token": the budget that keeps a single token per image (1e-4 * N < 1 for
@@ -218,24 +218,35 @@ def run(args: argparse.Namespace) -> int:
     else:
         items, score = testbed_data.heldout(args.limit), sources.exact_match
         data_name = f"testbed held-out split (seed {testbed_data.HELDOUT_SEED}, first {args.limit})"
-    model, processor, model_name = load_model(args)
+    # Under torchrun every process answers its shard of whole batches (the batches one process would
+    # form), so the merged predictions, and the scores, equal a single-process run's.
+    with distributed.process_group(args.device) as rank:
+        if rank.world_size > 1:
+            args.device = str(rank.device)
+        model, processor, model_name = load_model(args)
+        results = []
+        with progress_bar() as bar:
+            task = bar.add_task("eval", total=len(items) * len(runs), note="", visible=rank.is_main)
+            for r in runs:
+                bar.update(task, description=f"{r.label:<24}")
+                predictions = distributed.predict_sharded(
+                    model,
+                    processor,
+                    items,
+                    r.config,
+                    rank=rank.rank,
+                    world_size=rank.world_size,
+                    batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens,
+                    progress=lambda n: bar.advance(task, n),
+                )
+                if predictions is not None:
+                    results.append(summarise(r, items, predictions, score))
+        if not rank.is_main:
+            return 0
+        processes = rank.world_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    with progress_bar() as bar:
-        task = bar.add_task("eval", total=len(items) * len(runs), note="")
-        for r in runs:
-            bar.update(task, description=f"{r.label:<24}")
-            predictions = predict(
-                model,
-                processor,
-                items,
-                r.config,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                progress=lambda n: bar.advance(task, n),
-            )
-            results.append(summarise(r, items, predictions, score))
     title = f"{model_name} on {data_name}, {len(items)} items"
     report = f"{title}\n\n{table(results)}\n"
     adaptive = kept_by_category(results)
@@ -251,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(model.device),
         "dtype": str(model.dtype),
         "decoding": "greedy",
+        "processes": processes,
     }
     (out / "results.json").write_text(json.dumps({"setup": setup, "versions": versions(), "runs": results}, indent=1))
     plot(results, out / "accuracy_vs_kept.png", title)
