@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from support import image
 
 from crosstrim import cli, memory, tiny
 from crosstrim.tools import bench
@@ -56,12 +57,19 @@ def test_bench_runs_end_to_end_and_writes_every_sample(capsys, tmp_path):
     )
 
 
-def test_bench_runs_on_a_checkpoint_directory(capsys, tmp_path, checkpoint_dir):
+@pytest.mark.parametrize("with_image", [False, True], ids=["random-features", "image-features"])
+def test_bench_runs_on_a_checkpoint_directory(capsys, tmp_path, checkpoint_dir, with_image):
     argv = ["--model", checkpoint_dir, "--batch", "1", "--text", "4", "--keep", "0.5", "--decode-steps", "1"]
+    if with_image:  # a 2-tile image: its real features through the encoder, 2 padding tiles masked
+        image(2, seed=1).save(tmp_path / "img.png")
+        argv += ["--image", tmp_path / "img.png"]
     code, out, err = run(capsys, "bench", *argv, "--repeats", "1", "--threads", "1", "--out", tmp_path)
     assert code == 0, err
-    assert f"checkpoint {checkpoint_dir}, random image features of real size" in out
-    assert (tmp_path / f"bench-{checkpoint_dir.name}-cpu.json").exists()
+    what = f"features of {tmp_path / 'img.png'}" if with_image else "random image features of real size"
+    assert f"checkpoint {checkpoint_dir}, {what}" in out
+    assert "memory model (self and cross, every run): yes" in out  # kept counts follow the valid tiles
+    result = json.loads((tmp_path / f"bench-{checkpoint_dir.name}-cpu.json").read_text())
+    assert result["samples"][1]["valid"] == [(2 if with_image else 4) * 17]
 
 
 def test_memory_budget_search_reports_predicted_and_measured(capsys, tmp_path):
