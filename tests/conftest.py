@@ -19,3 +19,13 @@ def model(tiny_model):
 @pytest.fixture
 def processor(tiny_model):
     return tiny_model[1]
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """The tiny random model and its offline processor, saved like a real checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-mllama")
+    model, processor = tiny.random_model(seed=0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

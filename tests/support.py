@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from crosstrim import cli
+
 # (height, width) -> tiles with the tiny 32 px processor: 32x32 -> 1 tile, 32x64 -> 2, 64x64 -> 4.
 SIZES = {1: (32, 32), 2: (32, 64), 3: (96, 32), 4: (64, 64)}
 
@@ -63,3 +65,10 @@ def masked_reference(model, kept: tuple[torch.Tensor, ...], tokens: int, *, firs
     finally:
         for h in handles:
             h.remove()
+
+
+def run_cli(capsys, *argv):
+    """Run ``crosstrim ARGV`` in-process; return (exit code, stdout, stderr)."""
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -4,32 +4,17 @@ import json
 
 import pytest
 import torch
-from support import image
+from support import image, run_cli
 
-from crosstrim import cli, memory, tiny
+from crosstrim import memory, tiny
 from crosstrim.tools import bench
 
 ARGS = ["--dims", "tiny", "--batch", "1,2", "--text", "6", "--keep", "0.5,0.25", "--decode-steps", "2"]
 ARGS += ["--repeats", "2", "--threads", "1"]
 
 
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-mllama")
-    model, processor = tiny.random_model(seed=0)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def test_bench_runs_end_to_end_and_writes_every_sample(capsys, tmp_path):
-    code, out, err = run(capsys, "bench", *ARGS, "--out", tmp_path, "--tag", "t")
+    code, out, err = run_cli(capsys, "bench", *ARGS, "--out", tmp_path, "--tag", "t")
     assert code == 0, err
     assert "RANDOM WEIGHTS" in out and "1 thread(s)" in out  # says plainly what it measured on
     assert "KV cache bytes after prefill == memory model (self and cross, every run): yes" in out
@@ -63,7 +48,7 @@ def test_bench_runs_on_a_checkpoint_directory(capsys, tmp_path, checkpoint_dir, 
     if with_image:  # a 2-tile image: its real features through the encoder, 2 padding tiles masked
         image(2, seed=1).save(tmp_path / "img.png")
         argv += ["--image", tmp_path / "img.png"]
-    code, out, err = run(capsys, "bench", *argv, "--repeats", "1", "--threads", "1", "--out", tmp_path)
+    code, out, err = run_cli(capsys, "bench", *argv, "--repeats", "1", "--threads", "1", "--out", tmp_path)
     assert code == 0, err
     what = f"features of {tmp_path / 'img.png'}" if with_image else "random image features of real size"
     assert f"checkpoint {checkpoint_dir}, {what}" in out
@@ -75,7 +60,9 @@ def test_bench_runs_on_a_checkpoint_directory(capsys, tmp_path, checkpoint_dir, 
 def test_memory_budget_search_reports_predicted_and_measured(capsys, tmp_path):
     argv = [*ARGS[:6], "--keep", "0.25", "--decode-steps", "1", "--repeats", "1", "--threads", "1"]
     budget_gb = f"{bench._status('VmRSS') / 1e9 + 0.5:.2f}"  # what this process holds + 0.5 GB: always available
-    code, out, err = run(capsys, "bench", *argv, "--memory-budget", budget_gb, "--max-batch", "3", "--out", tmp_path)
+    code, out, err = run_cli(
+        capsys, "bench", *argv, "--memory-budget", budget_gb, "--max-batch", "3", "--out", tmp_path
+    )
     assert code == 0, err
     budget = json.loads((tmp_path / "bench-tiny-L4-cpu.json").read_text())["memory_budget"]
     assert [b["variant"] for b in budget] == ["full", "keep 0.25"]
@@ -127,7 +114,7 @@ def test_at_depth_composes_measured_layer_times():
 def test_bench_bad_input_is_one_clear_line_and_exit_2(capsys, tmp_path, checkpoint_dir, argv, message):
     argv = [a.format(ckpt=checkpoint_dir, missing=tmp_path / "nope") for a in argv]
     base = ["--dims", "tiny"] if "--model" not in argv and "--dims" not in argv else []
-    code, _, err = run(capsys, "bench", *base, *argv, "--out", tmp_path)
+    code, _, err = run_cli(capsys, "bench", *base, *argv, "--out", tmp_path)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

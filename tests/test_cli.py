@@ -3,18 +3,7 @@
 import json
 
 import pytest
-from support import image
-
-from crosstrim import cli, tiny
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-mllama")
-    model, processor = tiny.random_model(seed=0)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+from support import image, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +13,8 @@ def image_file(tmp_path_factory):
     return path
 
 
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_generate_prints_answer_stats_and_comparison(capsys, checkpoint_dir, image_file):
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "generate", "--model", checkpoint_dir, "--image", image_file, "--prompt", "what is it ?",
         "--k-ratio", "0.1", "--max-new-tokens", "4", "--compare", "--device", "cpu",
     )  # fmt: skip
@@ -42,7 +25,7 @@ def test_generate_prints_answer_stats_and_comparison(capsys, checkpoint_dir, ima
 
 
 def test_generate_accepts_baselines_and_explicit_image_tokens(capsys, checkpoint_dir, image_file):
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "generate", "--model", checkpoint_dir, "--image", image_file, "--image", image_file,
         "--prompt", "<|image|> left <|image|> right ?", "--method", "uniform", "--keep-ratio", "0.5",
         "--max-new-tokens", "2",
@@ -87,7 +70,7 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(capsys, tmp_path, checkpoi
     flat = ["generate", "--max-new-tokens", "2"] + [x for pair in args.items() for x in pair]
     if "--device" not in args:
         flat += ["--device", "cpu"]
-    code, _, err = run(capsys, *flat)
+    code, _, err = run_cli(capsys, *flat)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

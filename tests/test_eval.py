@@ -4,6 +4,7 @@ import json
 
 import pytest
 from PIL import Image
+from support import run_cli
 
 from crosstrim import cli
 from crosstrim.testbed import data
@@ -13,14 +14,8 @@ from crosstrim.tools.dataset import Item
 from crosstrim.tools.inference import Prediction
 
 
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_eval_writes_table_json_and_plot(tmp_path, capsys):
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "eval", "--limit", "6", "--k-ratios", "0.25", "--keep-ratios", "0.5", "--methods", "trimmed,random",
         "--out", tmp_path, "--device", "cpu", "--batch-size", "3", "--max-new-tokens", "3",
     )  # fmt: skip
@@ -69,7 +64,7 @@ def test_exact_match_compares_leading_words_only():
 
 def test_eval_reads_a_jsonl_dataset(tmp_path, capsys):
     assert cli.main(["testbed", "data", "--out", str(tmp_path / "d"), "--count", "3"]) == 0
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "eval", "--data", tmp_path / "d" / "heldout.jsonl", "--k-ratios", "0.5", "--keep-ratios", "0.5",
         "--methods", "uniform", "--out", tmp_path / "r", "--device", "cpu", "--max-new-tokens", "2",
     )  # fmt: skip
@@ -79,13 +74,13 @@ def test_eval_reads_a_jsonl_dataset(tmp_path, capsys):
 
 
 def test_viz_writes_a_png_for_a_testbed_item_and_for_an_image_file(tmp_path, capsys):
-    code, out, err = run(capsys, "viz", "--out", tmp_path / "a.png", "--device", "cpu", "--k-ratio", "0.1")
+    code, out, err = run_cli(capsys, "viz", "--out", tmp_path / "a.png", "--device", "cpu", "--k-ratio", "0.1")
     assert code == 0, err
     assert "kept" in out
     with Image.open(tmp_path / "a.png") as png:
         assert png.width > 600 and png.height > 400
     data.heldout(1, start=4)[0].images[0].save(tmp_path / "img.png")
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "viz", "--image", tmp_path / "img.png", "--prompt", "how many shapes are there ?", "--out",
         tmp_path / "b.png", "--device", "cpu", "--method", "random", "--keep-ratio", "0.3",
     )  # fmt: skip
@@ -94,7 +89,7 @@ def test_viz_writes_a_png_for_a_testbed_item_and_for_an_image_file(tmp_path, cap
 
 
 def test_demo_answers_full_and_trimmed_side_by_side(tmp_path, capsys):
-    code, out, err = run(capsys, "demo", "--count", "4", "--viz", tmp_path / "demo.png", "--device", "cpu")
+    code, out, err = run_cli(capsys, "demo", "--count", "4", "--viz", tmp_path / "demo.png", "--device", "cpu")
     assert code == 0, err
     assert "trimming: trimmed k=0.25" in out and "KiB ->" in out and "saved" in out
     assert sum(line.startswith(data.FAMILIES) for line in out.splitlines()) == 4
@@ -146,9 +141,9 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys, argv, message)
     places["missing_keys"].write_text(json.dumps({"id": 1, "prompt": "p"}) + "\n")
     places["empty"].write_text("\n")
     code, _, err = (
-        run(capsys, *[a.format(**{k: str(v) for k, v in places.items()}) for a in argv], "--device", "cpu")
+        run_cli(capsys, *[a.format(**{k: str(v) for k, v in places.items()}) for a in argv], "--device", "cpu")
         if argv[0] != "testbed"
-        else run(capsys, *[a.format(**{k: str(v) for k, v in places.items()}) for a in argv])
+        else run_cli(capsys, *[a.format(**{k: str(v) for k, v in places.items()}) for a in argv])
     )
     assert code == 2, err
     assert message in err

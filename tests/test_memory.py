@@ -6,10 +6,10 @@ from fractions import Fraction
 
 import pytest
 import torch
-from support import inputs, positions, text_model
+from support import inputs, positions, run_cli, text_model
 
 import crosstrim
-from crosstrim import cli, memory
+from crosstrim import memory
 
 # (tile counts of each image, text) per sample: one to three samples, 1-4 tiles, one or two images.
 SHAPES = [
@@ -146,14 +146,8 @@ def test_element_size_and_kept_tokens_validate():
 # -- `crosstrim kv` ----------------------------------------------------------------------------------------
 
 
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_kv_prints_tables_and_writes_plot_and_json(capsys, tmp_path):
-    code, out, err = run(capsys, "kv", "--preset", "11b", "--keep", "0.25", "--batch", "1,16", "--out", tmp_path)
+    code, out, err = run_cli(capsys, "kv", "--preset", "11b", "--keep", "0.25", "--batch", "1,16", "--out", tmp_path)
     assert code == 0, err
     assert "cross-attention KV per image:     209,846,272 B (209.8 MB)" in out
     assert "1,601 text tokens (full)" in out and "550 text tokens (r=0.25)" in out
@@ -167,7 +161,7 @@ def test_kv_prints_tables_and_writes_plot_and_json(capsys, tmp_path):
 
 def test_kv_reads_a_checkpoint_config_only(capsys, tmp_path, model):
     model.config.save_pretrained(tmp_path)  # config.json alone: no weights needed
-    code, out, err = run(capsys, "kv", "--model", tmp_path, "--dtype", "fp32", "--no-plot")
+    code, out, err = run_cli(capsys, "kv", "--model", tmp_path, "--dtype", "fp32", "--no-plot")
     assert code == 0, err
     assert "4 tiles x 17 tokens" in out and "3 cross-attention (1, 3, 5)" in out
 
@@ -189,7 +183,7 @@ def test_kv_bad_input_is_one_clear_line_and_exit_2(capsys, tmp_path, argv, messa
     (tmp_path / "not_mllama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     places = {"missing": tmp_path / "nope", "not_mllama": tmp_path / "not_mllama"}
     argv = [a.format(**places) for a in argv]
-    code, _, err = run(capsys, "kv", "--no-plot", *argv)
+    code, _, err = run_cli(capsys, "kv", "--no-plot", *argv)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
