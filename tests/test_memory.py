@@ -26,9 +26,8 @@ def forward_cache(model, batch):
 
 def held(model, cache):
     """(self-attention, cross-attention) bytes the cache holds."""
-    cross = set(text_model(model).config.cross_attention_layers)
-    sizes = [(i in cross, layer.keys.nbytes + layer.values.nbytes) for i, layer in enumerate(cache.layers)]
-    return sum(b for c, b in sizes if not c), sum(b for c, b in sizes if c)
+    kv = memory.held_kv_bytes(cache, text_model(model).config.cross_attention_layers)
+    return kv.self_attn, kv.cross_attn
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["1x4tiles", "2-images+4tiles", "3-samples-1-3-2tiles"])

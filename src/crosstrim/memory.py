@@ -302,6 +302,14 @@ class MemoryModel:
         return max(0, math.floor((budget_bytes - fixed_bytes) / per_sample))
 
 
+def held_kv_bytes(cache, cross_layers) -> KVBytes:
+    """Self- and cross-attention bytes a transformers ``DynamicCache`` actually holds (its key and value
+    tensors, layer by layer): what :meth:`MemoryModel.kv_bytes` predicts, measured."""
+    sizes = [layer.keys.nbytes + layer.values.nbytes for layer in cache.layers]
+    cross = sum(sizes[i] for i in cross_layers)
+    return KVBytes(sum(sizes) - cross, cross)
+
+
 # -- presets, from the published config.json files of meta-llama/Llama-3.2-{11B,90B}-Vision ----------
 
 _VISION = {
@@ -359,4 +367,14 @@ def preset(name: str) -> MemoryModel:
     return MemoryModel.from_config(preset_config(name), name=name.lower())
 
 
-__all__ = ["DTYPE_BYTES", "PRESETS", "KVBytes", "MemoryModel", "element_size", "kept_tokens", "preset", "preset_config"]
+__all__ = [
+    "DTYPE_BYTES",
+    "PRESETS",
+    "KVBytes",
+    "MemoryModel",
+    "element_size",
+    "held_kv_bytes",
+    "kept_tokens",
+    "preset",
+    "preset_config",
+]
