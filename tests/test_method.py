@@ -73,20 +73,52 @@ def test_mean_topk_takes_the_global_top_of_the_head_sum(data, keep_ratio):
 
 @settings(max_examples=60, deadline=None)
 @given(scored(), ratios, st.integers(0, 1000))
-def test_random_keep_is_exact_seeded_and_valid(data, keep_ratio, seed):
+def test_random_keep_is_exact_seeded_valid_and_row_wise(data, keep_ratio, seed):
     _, valid = data
-    first = method.random_keep(valid, keep_ratio, torch.Generator().manual_seed(seed))
-    again = method.random_keep(valid, keep_ratio, torch.Generator().manual_seed(seed))
-    assert torch.equal(first, again)
+    seeds = [method.derive_seed(seed, [row]) for row in range(valid.shape[0])]
+    first = method.random_keep(valid, keep_ratio, seeds)
+    assert torch.equal(first, method.random_keep(valid, keep_ratio, seeds))
     assert torch.equal(first.sum(-1), method.budget(valid.sum(-1), keep_ratio))
     assert not (first & ~valid).any()
+    # A row's draw is its own: alone, or among rows in another order, it keeps the same tokens.
+    for row in range(valid.shape[0]):
+        assert torch.equal(method.random_keep(valid[row : row + 1], keep_ratio, seeds[row : row + 1])[0], first[row])
+    assert torch.equal(method.random_keep(valid.flip(0), keep_ratio, seeds[::-1]), first.flip(0))
 
 
-def test_random_keep_depends_on_the_seed():
-    valid = torch.ones(1, 200, dtype=torch.bool)
-    a = method.random_keep(valid, 0.3, torch.Generator().manual_seed(1))
-    b = method.random_keep(valid, 0.3, torch.Generator().manual_seed(2))
-    assert not torch.equal(a, b)
+def test_random_keep_depends_on_the_seed_and_needs_one_per_row():
+    valid = torch.ones(2, 200, dtype=torch.bool)
+    a = method.random_keep(valid, 0.3, [1, 1])
+    b = method.random_keep(valid, 0.3, [2, 1])
+    assert torch.equal(a[0], a[1]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
+    with pytest.raises(ValueError, match="one seed per row: 2 rows, 1 seeds"):
+        method.random_keep(valid, 0.3, [1])
+    with pytest.raises(ValueError, match="needs one seed per row"):
+        method.select(TrimConfig(method="random", keep_ratio=0.3), None, valid)
+
+
+def test_derive_seed_is_a_stable_function_of_every_integer_and_part_boundary():
+    base = method.derive_seed(0, [5, 6, 7], [1, 0])
+    assert (
+        base
+        == method.derive_seed(0, (5, 6, 7), torch.tensor([1, 0]).tolist())
+        == method.derive_seed(0, [5, 6, 7], [True, False])
+    )
+    assert 0 <= base < 2**63
+    others = [
+        method.derive_seed(1, [5, 6, 7], [1, 0]),
+        method.derive_seed(0, [5, 6, 8], [1, 0]),
+        method.derive_seed(0, [5, 6, 7], [1, 1]),
+        method.derive_seed(0, [5, 6], [7, 1, 0]),
+        method.derive_seed(0, [5, 6, 7, 1, 0]),
+        method.derive_seed(-1, [5, 6, 7], [1, 0]),
+    ]
+    assert len({base, *others}) == 1 + len(others)
+    assert method.derive_seed(0, [5, 6, 7], [1, 0]) == base  # no hidden state
+    # Pinned: published random-baseline numbers depend on this derivation; change it only on purpose.
+    seed = method.derive_seed(0, [1, 2, 3], [1, 0])
+    assert seed == 7303885053439347170
+    assert method.random_keep(torch.ones(1, 10, dtype=torch.bool), 0.3, [seed]).nonzero()[:, 1].tolist() == [3, 7, 8]
 
 
 @settings(max_examples=60, deadline=None)
@@ -176,6 +208,6 @@ def test_select_dispatches_every_method():
         TrimConfig(method="random", keep_ratio=0.2),
         TrimConfig(method="uniform", keep_ratio=0.2),
     ]:
-        keep = method.select(config, scores, valid, torch.Generator().manual_seed(0))
+        keep = method.select(config, scores, valid, seeds=[0])
         assert 4 <= int(keep.sum()) <= 8, config
     assert method.select(TrimConfig(keep_ratio=1.0), None, valid).all()

@@ -29,6 +29,7 @@ CONFIGS = [
     crosstrim.TrimConfig(k_ratio=0.1, trim_first_layer_cache=True),
 ]
 IDS = [c.describe() + (" first-cache" if c.trim_first_layer_cache else "") for c in CONFIGS]
+RANDOM = CONFIGS[4]
 GREEDY = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
 
 
@@ -69,7 +70,8 @@ def test_trimmed_equals_masked_reference(model, batch, config):
         logits = forward(model, batch).logits
         stats = handle.stats
         tokens = model.generate(**batch, **GREEDY)
-        generate_stats = handle.stats  # generate's own prefill (the random baseline draws anew)
+        generate_stats = handle.stats  # generate's own prefill selects once, as the forward did
+    assert all(torch.equal(a, b) for a, b in zip(generate_stats.kept_indices, stats.kept_indices))
     # The test is not vacuous: tokens were dropped and the logits moved.
     assert all(k < v for k, v in zip(stats.kept_counts, stats.valid_counts))
     assert not torch.allclose(logits, unpatched, atol=1e-3)
@@ -98,7 +100,7 @@ def test_rows_before_the_image_attend_only_kept_tokens(model, processor):
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:4], ids=IDS[:4])
+@pytest.mark.parametrize("config", CONFIGS[:6], ids=IDS[:6])
 def test_batch_equals_each_sample_alone(model, processor, batch, config):
     def alone(b):
         return inputs(processor, [BATCH[b]], seed=10 * b)
@@ -170,8 +172,9 @@ def test_selection_matches_eager_attention_weights(processor, batch):
         assert torch.equal(handle.stats.kept_indices[b], keep[b].nonzero().flatten())
 
 
+@pytest.mark.parametrize("config", [crosstrim.TrimConfig(k_ratio=0.2), RANDOM], ids=lambda c: c.describe())
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_never_influences_selection(model, processor, side):
+def test_padding_never_influences_selection(model, processor, side, config):
     """Different pad tokens and different padding-tile features leave the selection unchanged.
 
     Right padding after the image is allowed by the cross-attention mask, so only the 2-D
@@ -189,7 +192,7 @@ def test_padding_never_influences_selection(model, processor, side):
     other = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
     padding_tiles = dict(batch, pixel_values=batch["pixel_values"].clone())
     padding_tiles["pixel_values"][:, :, 2:] = torch.randn_like(padding_tiles["pixel_values"][:, :, 2:])
-    with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.2)) as handle:
+    with crosstrim.trimmed(model, config) as handle:
         kept = []
         for variant in (batch, other, padding_tiles):
             forward(model, variant)
@@ -198,6 +201,42 @@ def test_padding_never_influences_selection(model, processor, side):
     assert all(int(k.max()) < tiles_of for k in kept[0])
     for variant in kept[1:]:
         assert all(torch.equal(a, b) for a, b in zip(kept[0], variant))
+
+
+def test_random_keeps_what_the_sample_alone_keeps_in_any_batch_padding_or_call_order(model, processor):
+    """The random baseline draws from the sample itself: its token ids and its image layout."""
+    sample = BATCH[0]  # two images (2 + 1 tiles)
+    partners = [
+        ([4], "<|image|> how many shapes are there in the image ? describe it"),  # longer: pads the sample
+        ([1, 1, 1], "<|image|> it <|image|> a <|image|> ?"),  # more images: adds an empty image slot
+        ([1], "<|image|> it ?"),
+    ]
+
+    def run(samples, where, side):
+        processor.tokenizer.padding_side = side
+        try:
+            batch = inputs(processor, samples, seed=100 - 10 * where)  # the sample's images are the same everywhere
+        finally:
+            processor.tokenizer.padding_side = "left"
+        width = int(batch["attention_mask"][where].sum())
+        logits = forward(model, batch).logits[where]
+        return handle.stats.kept_indices[where], logits[-width:] if side == "left" else logits[:width]
+
+    with crosstrim.trimmed(model, RANDOM) as handle:
+        kept, logits = run([sample], 0, "left")
+        assert 0 < len(kept) < handle.stats.valid_counts[0]
+        for partner in partners:
+            for where, side in [(0, "left"), (1, "left"), (0, "right"), (1, "right")]:
+                batch = [sample, partner] if where == 0 else [partner, sample]
+                got, got_logits = run(batch, where, side)
+                assert torch.equal(got, kept), (partner, where, side)
+                torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=0)
+        assert torch.equal(run([sample], 0, "left")[0], kept)  # nothing carried over from earlier calls
+        other_prompt = run([([2, 1], "<|image|> what is the shape <|image|> of the circle ?")], 0, "left")[0]
+    assert not torch.equal(other_prompt, kept)
+    with crosstrim.trimmed(model, crosstrim.TrimConfig(method="random", keep_ratio=0.3, seed=4)) as handle:
+        other_seed = run([sample], 0, "left")[0]
+    assert not torch.equal(other_seed, kept)
 
 
 @pytest.mark.parametrize(
@@ -260,6 +299,11 @@ def test_bad_models_and_misuse_raise_clear_errors(model, processor, batch):
         no_mask = {k: v for k, v in batch.items() if k != "cross_attention_mask"}
         with pytest.raises(ValueError, match="cross_attention_mask"), torch.no_grad():
             model(**no_mask)
+    embedded = {k: v for k, v in batch.items() if k != "input_ids"}
+    embedded["inputs_embeds"] = model.get_input_embeddings()(batch["input_ids"])
+    refused = pytest.raises(ValueError, match="call the model with input_ids")
+    with crosstrim.trimmed(model, RANDOM), refused, torch.no_grad():
+        model(**embedded)
     handle = crosstrim.trim(model)  # trimming again after removal works
     handle.remove()
     assert not handle.active

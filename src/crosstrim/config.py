@@ -34,7 +34,10 @@ class TrimConfig:
         k_ratio: per-head top-k fraction for ``method="trimmed"``; defaults to 0.25 (the paper's
             main setting) when neither ratio is given.
         keep_ratio: exact kept fraction; required by the baselines.
-        seed: seed of the ``random`` baseline's generator.
+        seed: seed of the ``random`` baseline. Each sample draws from its own generator, seeded
+            from ``seed``, the sample's non-padding token ids and its image layout, so a sample
+            keeps the same tokens whatever batch, padding, process or call order it comes in
+            (runs sharded over processes match a single process).
         trim_first_layer_cache: also shrink the first cross-attention layer's KV cache to the kept
             tokens after prefill, so decoding reads only kept features everywhere. Off by default,
             as in the paper: the first layer scores with all features and keeps them.

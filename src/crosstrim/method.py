@@ -2,11 +2,15 @@
 
 Shapes use ``B`` batch, ``H`` query heads, ``G`` KV heads, ``L`` text rows, ``N`` image tokens,
 ``K`` kept slots, ``D`` features. Additive masks follow transformers: ``0`` allowed, dtype-min
-masked. Everything here is deterministic for a given input (the random baseline takes its
-generator), so a model integration can be checked against these functions directly.
+masked. Everything here is deterministic for a given input (the random baseline takes one seed
+per row), so a model integration can be checked against these functions directly.
 """
 
 from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
 
 import torch
 
@@ -153,10 +157,36 @@ def mean_topk(scores: torch.Tensor, valid: torch.Tensor, keep_ratio: float) -> t
     return _keep_top(key, budget(valid.sum(-1), keep_ratio)) & valid
 
 
-def random_keep(valid: torch.Tensor, keep_ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """Baseline: ``ceil(keep_ratio * valid)`` valid tokens drawn uniformly with ``generator``."""
-    noise = torch.rand(valid.shape, generator=generator, device=generator.device).to(valid.device)
-    key = noise.masked_fill(~valid, float("-inf"))
+def derive_seed(seed: int, *parts: Sequence[int]) -> int:
+    """A 63-bit seed that is a pure function of ``seed`` and the integer sequences ``parts``.
+
+    The random baseline seeds every sample from the sample itself (its token ids, its image
+    layout), so what it keeps cannot depend on the batch, the padding, the process or the order
+    samples are run in. Only exact integers are hashed (blake2b over little-endian int64, each
+    part length-prefixed so ``(1, 2), (3,)`` and ``(1,), (2, 3)`` differ): hashing float features
+    would make the draw depend on the kernels and the device that computed them.
+    """
+    digest = hashlib.blake2b(struct.pack("<Q", seed % (1 << 64)), digest_size=8)
+    for part in parts:
+        values = [int(v) for v in part]
+        digest.update(struct.pack(f"<q{len(values)}q", len(values), *values))
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def random_keep(valid: torch.Tensor, keep_ratio: float, seeds: Sequence[int]) -> torch.Tensor:
+    """Baseline: ``ceil(keep_ratio * valid)`` valid tokens drawn uniformly, row ``b`` from ``seeds[b]``.
+
+    Every row draws its noise from its own CPU generator (then moved to ``valid``'s device), so a
+    row's kept set depends on its seed and its valid tokens only: not on the other rows, nor on
+    how many draws came before, nor on the device.
+    """
+    rows, tokens = valid.shape
+    if len(seeds) != rows:
+        raise ValueError(f"random_keep needs one seed per row: {rows} rows, {len(seeds)} seeds")
+    noise = torch.empty(rows, tokens, dtype=torch.float32)
+    for row, seed in enumerate(seeds):
+        noise[row] = torch.rand(tokens, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float32)
+    key = noise.to(valid.device).masked_fill(~valid, float("-inf"))
     return _keep_top(key, budget(valid.sum(-1), keep_ratio)) & valid
 
 
@@ -181,9 +211,12 @@ def select(
     config: TrimConfig,
     scores: torch.Tensor | None,
     valid: torch.Tensor,
-    generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Dispatch to the selection rule ``config`` names; returns the ``(B, N)`` keep mask."""
+    """Dispatch to the selection rule ``config`` names; returns the ``(B, N)`` keep mask.
+
+    ``seeds`` (one per row, see :func:`derive_seed`) are needed by ``method="random"`` only.
+    """
     if config.is_identity:
         return valid.clone()
     if config.method in ("trimmed", "mean"):
@@ -195,9 +228,9 @@ def select(
             return union_topk(scores, valid, config.k_ratio)
         return union_budget(scores, valid, config.ratio)
     if config.method == "random":
-        if generator is None:
-            raise ValueError("method='random' needs a torch.Generator")
-        return random_keep(valid, config.ratio, generator)
+        if seeds is None:
+            raise ValueError("method='random' needs one seed per row (see crosstrim.method.derive_seed)")
+        return random_keep(valid, config.ratio, seeds)
     return uniform_keep(valid, config.ratio)
 
 
@@ -263,6 +296,7 @@ def kv_bytes(batch: int, tokens: int, kv_heads: int, head_dim: int, element_size
 __all__ = [
     "attention_scores",
     "budget",
+    "derive_seed",
     "gather_cache",
     "gather_mask",
     "gather_tokens",

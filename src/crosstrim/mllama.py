@@ -93,6 +93,7 @@ class _Step:
 
     attention_mask: torch.Tensor | None
     cache: Any
+    input_ids: torch.Tensor | None = None
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     selection: _Selection | None = None
@@ -148,7 +149,6 @@ class TrimHandle:
         self._text = text
         self._layers = layers
         self._segment = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
-        self._generator = torch.Generator().manual_seed(config.seed)
         self._step: _Step | None = None
         first = text.layers[layers[0]]
         self._hooks = [
@@ -185,7 +185,8 @@ class TrimHandle:
         # compiled models work; only pre-allocated (static) caches are refused.
         cache = kwargs.get("past_key_values")
         _check_cache(cache, self._layers)
-        self._step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache, input_ids=ids)
 
     def _capture(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -250,8 +251,38 @@ class TrimHandle:
         if scores is not None:
             heads = scores.shape[1]
             flat_scores = scores.view(batch, heads, images, seg).transpose(1, 2).reshape(batch * images, heads, seg)
-        keep = method.select(self.config, flat_scores, valid.reshape(batch * images, seg), self._generator)
+        seeds = self._random_seeds(valid.view(batch, images, seg)) if self.config.method == "random" else None
+        keep = method.select(self.config, flat_scores, valid.reshape(batch * images, seg), seeds)
         return keep.reshape(batch, tokens)
+
+    def _random_seeds(self, valid: torch.Tensor) -> list[int]:
+        """One seed per (sample, image slot) for the random baseline, from the sample alone.
+
+        A sample's seed hashes ``config.seed``, its non-padding prompt token ids and its valid-token
+        layout (image slots past its last image, which only the batch adds, are left out), so the
+        same sample keeps the same tokens in any batch, with any padding, in any process, however
+        often the model ran before. Beams and ``num_return_sequences`` copies share their sample's ids,
+        hence its selection.
+        """
+        step = self._step
+        if step is None or step.input_ids is None:
+            raise ValueError(
+                "method='random' seeds every sample from its token ids; call the model with input_ids "
+                "(not inputs_embeds)"
+            )
+        batch, images, _ = valid.shape
+        ids = step.input_ids.cpu()
+        real = torch.ones_like(ids, dtype=torch.bool)
+        if step.attention_mask is not None and step.attention_mask.dim() == 2:
+            real = step.attention_mask[:, -ids.shape[1] :].cpu() != 0
+        valid = valid.cpu()
+        seeds = []
+        for b in range(batch):
+            used = valid[b].any(dim=-1).nonzero()
+            layout = valid[b, : int(used.max()) + 1 if used.numel() else 0].flatten().tolist()
+            sample = method.derive_seed(self.config.seed, ids[b][real[b]].tolist(), layout)
+            seeds += [method.derive_seed(sample, (image,)) for image in range(images)]
+        return seeds
 
     def _gather(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         step = self._step

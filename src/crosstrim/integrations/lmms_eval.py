@@ -30,14 +30,16 @@ its trimming numbers in lmms-eval's per-sample ``token_counts`` (written with ``
 --num_processes N -m lmms_eval ...`` or ``torchrun``), every process answers its shard of the
 documents on ``cuda:LOCAL_RANK`` (or the CPU) and lmms-eval gathers the results.
 
-:func:`write_task` turns crosstrim items (e.g. a VLMEvalKit TSV read by
-:mod:`crosstrim.tools.vlmeval`) into a local lmms-eval task scored with the same metrics.
+:func:`write_task` turns crosstrim items (a VLMEvalKit TSV read by :mod:`crosstrim.tools.vlmeval`,
+or the testbed's questions) into a local lmms-eval task scored with the metrics ``crosstrim eval``
+uses for them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -52,7 +54,7 @@ from PIL import Image
 
 from crosstrim.config import METHODS, TrimConfig
 from crosstrim.integrations import LMMS_EVAL_MODEL
-from crosstrim.tools import checkpoint, vlmeval
+from crosstrim.tools import checkpoint, sources, vlmeval
 from crosstrim.tools.dataset import Item
 from crosstrim.tools.inference import Prediction, predict
 
@@ -366,10 +368,18 @@ process_results = _crosstrim.results_for(METRICS)
 
 
 def _metric_names(items: Sequence[Item]) -> list[str]:
-    """The run-level metrics of a task: the benchmark's (see :func:`crosstrim.tools.vlmeval.score`)."""
-    benchmark = items[0].extra.get("benchmark")
-    if benchmark is None or any(item.extra.get("benchmark") != benchmark for item in items):
-        raise ValueError("write_task takes the items of one VLMEvalKit benchmark (crosstrim.tools.vlmeval.load_tsv)")
+    """The run-level metrics of a task: a VLMEvalKit benchmark's (see :func:`crosstrim.tools.vlmeval.score`),
+    or, for items of no benchmark (the testbed, a ``.jsonl`` file), the exact-match accuracy overall
+    and per category that ``crosstrim eval`` reports for them (see :func:`exact_match_scores`)."""
+    benchmarks = {item.extra.get("benchmark") for item in items}
+    if len(benchmarks) != 1:
+        raise ValueError(
+            "write_task takes the items of one VLMEvalKit benchmark (crosstrim.tools.vlmeval.load_tsv), "
+            "or items of none (scored by exact match); these mix several"
+        )
+    benchmark = benchmarks.pop()
+    if benchmark is None:
+        return ["accuracy", *(f"{category}/accuracy" for category in dict.fromkeys(i.category for i in items))]
     heads = {
         "MME": ["perception", "cognition", "total", "acc", "acc+"],
         "POPE": ["f1", "acc", "precision", "recall", "yes_ratio"],
@@ -379,7 +389,24 @@ def _metric_names(items: Sequence[Item]) -> list[str]:
 
 
 def _identifier(metric: str) -> str:
-    return "aggregate_" + metric.replace("+", "_plus").replace("/", "_").replace("-", "_")
+    return "aggregate_" + re.sub(r"\W", "_", metric.replace("+", "_plus"))
+
+
+def exact_match_scores(items: Sequence[Item], predictions: Sequence[str]) -> dict[str, float]:
+    """Share of answers :func:`crosstrim.tools.sources.exact_match` accepts, overall (``accuracy``) and
+    per category (``CATEGORY/accuracy``): the fractions ``crosstrim eval`` reports for a ``.jsonl`` file."""
+    hits = [sources.exact_match(item, text) for item, text in zip(items, predictions, strict=True)]
+    result = {"accuracy": sum(hits) / len(hits)}
+    for category in dict.fromkeys(item.category for item in items):
+        mine = [hit for item, hit in zip(items, hits) if item.category == category]
+        result[f"{category}/accuracy"] = sum(mine) / len(mine)
+    return result
+
+
+def _score(items: Sequence[Item], predictions: Sequence[str]) -> dict[str, float]:
+    if items and items[0].extra.get("benchmark") is not None:
+        return vlmeval.score(items, predictions)
+    return exact_match_scores(items, predictions)
 
 
 def write_task(
@@ -388,16 +415,21 @@ def write_task(
     """Write ``items`` as a local lmms-eval task: ``NAME.yaml``, ``docs.jsonl``, ``images/``, ``utils.py``.
 
     Run it with ``lmms-eval --include_path DIRECTORY --tasks NAME ...`` (no Hub access: the data is
-    read with the ``json`` builder). The task's metrics are the benchmark's, computed by
-    :func:`crosstrim.tools.vlmeval.score` over all documents, so lmms-eval reports exactly what
-    ``crosstrim eval`` computes from the same answers. ``max_new_tokens`` defaults to 128, the
-    budget VLMEvalKit gives Llama-3.2-Vision on yes/no and multiple-choice benchmarks.
+    read with the ``json`` builder). The task's metrics are computed over all documents the way
+    ``crosstrim eval`` scores the same items, so lmms-eval reports exactly what it reports from the
+    same answers: a VLMEvalKit benchmark's (items from :func:`crosstrim.tools.vlmeval.load_tsv`,
+    scored by :func:`crosstrim.tools.vlmeval.score`), otherwise exact-match ``accuracy`` overall and
+    ``CATEGORY/accuracy`` (:func:`exact_match_scores`; e.g. :func:`crosstrim.testbed.data.heldout`
+    or a ``crosstrim testbed data`` file). ``max_new_tokens`` defaults to 128, the budget VLMEvalKit
+    gives Llama-3.2-Vision on yes/no and multiple-choice benchmarks.
     """
     if not items:
         raise ValueError("write_task needs at least one item")
     if not name.replace("_", "").isalnum():
         raise ValueError(f"task name {name!r} must be letters, digits and underscores")
     metrics = _metric_names(items)
+    if len({_identifier(m) for m in metrics}) != len(metrics):
+        raise ValueError(f"the metrics {metrics} of these items' categories do not give distinct Python names")
     root = Path(directory)
     (root / "images").mkdir(parents=True, exist_ok=True)
     with (root / "docs.jsonl").open("w", encoding="utf-8") as handle:
@@ -464,12 +496,12 @@ def results_for(metrics: Sequence[str]) -> Callable[[dict, list[str]], dict[str,
 
 
 def aggregator(metric: str) -> Callable[[list[dict]], float]:
-    """The aggregation of ``metric``: the benchmark's score over all answered documents."""
+    """The aggregation of ``metric``: the task's score (see :func:`write_task`) over all answered documents."""
 
     def aggregate(payloads: list[dict]) -> float:
         unique = list({p["id"]: p for p in payloads}.values())  # padding duplicates count once
         items = [Item(p["id"], (), "", p["answer"], p["category"], json.loads(p["extra"])) for p in unique]
-        return vlmeval.score(items, [p["prediction"] for p in unique])[metric]
+        return _score(items, [p["prediction"] for p in unique])[metric]
 
     aggregate.__name__ = _identifier(metric)
     return aggregate
@@ -481,6 +513,7 @@ __all__ = [
     "aggregator",
     "doc_to_text",
     "doc_to_visual",
+    "exact_match_scores",
     "results_for",
     "trim_config",
     "write_task",
