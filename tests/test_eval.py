@@ -27,7 +27,9 @@ def test_eval_writes_table_json_and_plot(tmp_path, capsys):
     result = json.loads((tmp_path / "results.json").read_text())
     assert [r["label"] for r in result["runs"]] == labels
     assert {"torch", "transformers", "crosstrim"} <= set(result["versions"])
+    assert result["skipped"] == [] and result["setup"]["headline"] is None  # the testbed has no official metric
     for r in result["runs"]:
+        assert r["official"] is None
         assert len(r["predictions"]) == 6
         assert r["accuracy"] == sum(p["correct"] for p in r["predictions"]) / 6
     exact = next(r for r in result["runs"] if r["label"] == "random keep=0.5")
@@ -49,8 +51,8 @@ def test_summary_counts_correct_answers_per_category():
         Prediction("2", "two", 4, 4),
     ]
     run_ = evaluate.Run("x", "trimmed (k_ratio)", None)
-    summary = evaluate.summarise(run_, items, preds, sources.exact_match)
-    assert summary["accuracy"] == pytest.approx(2 / 3)
+    summary = evaluate.summarise(run_, sources.Dataset(items, sources.exact_match), preds)
+    assert summary["accuracy"] == pytest.approx(2 / 3) and summary["official"] is None
     assert summary["per_category"]["a"] == {"accuracy": 0.5, "kept_fraction": 0.375, "items": 2}
     assert summary["kept_fraction"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
     assert summary["kv_bytes_kept"] == 45
@@ -62,15 +64,27 @@ def test_exact_match_compares_leading_words_only():
     assert not sources.exact_match(Item("0", (), "q", "", "c"), "")
 
 
-def test_eval_reads_a_jsonl_dataset(tmp_path, capsys):
+def test_eval_reads_a_jsonl_dataset_skipping_bad_lines(tmp_path, capsys):
     assert cli.main(["testbed", "data", "--out", str(tmp_path / "d"), "--count", "3"]) == 0
+    file = tmp_path / "d" / "heldout.jsonl"
+    with file.open("a") as handle:  # lines 4 and 5: not JSON; an image that is not there
+        handle.write("{not json\n" + json.dumps({"id": "x", "images": ["gone.png"], "prompt": "p", "answer": "a"}))
+    argv = ["eval", "--data", file, "--out", tmp_path / "r", "--device", "cpu", "--max-new-tokens", "2"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "heldout.jsonl line 4: not JSON" in err and "--skip-bad" in err
     code, _, err = run_cli(
-        capsys, "eval", "--data", tmp_path / "d" / "heldout.jsonl", "--k-ratios", "0.5", "--keep-ratios", "0.5",
-        "--methods", "uniform", "--out", tmp_path / "r", "--device", "cpu", "--max-new-tokens", "2",
+        capsys, *argv, "--skip-bad", "--k-ratios", "0.5", "--keep-ratios", "0.5", "--methods", "uniform"
     )  # fmt: skip
     assert code == 0, err
+    assert "skipped 2 bad rows (first: heldout.jsonl line 4: not JSON" in err
     result = json.loads((tmp_path / "r" / "results.json").read_text())
     assert result["setup"]["items"] == 3 and result["setup"]["data"].endswith("heldout.jsonl")
+    assert [(s["where"], s["index"]) for s in result["skipped"]] == [
+        ("heldout.jsonl line 4", ""),
+        ("heldout.jsonl line 5", "x"),
+    ]
+    assert result["skipped"][1]["reason"] == f"image {str(file.parent / 'gone.png')!r} does not exist"
 
 
 def test_viz_writes_a_png_for_a_testbed_item_and_for_an_image_file(tmp_path, capsys):
@@ -111,8 +125,12 @@ def test_overlap_of_top_tokens():
     ("argv", "message"),
     [
         (["eval", "--data", "{csv}"], "unknown dataset format '.csv'"),
-        (["eval", "--data", "{garbage}"], "line 1 is not JSON"),
-        (["eval", "--data", "{missing_keys}"], "missing 'images', 'answer'"),
+        (["eval", "--data", "{garbage}"], "line 1: not JSON"),
+        (
+            ["eval", "--data", "{missing_keys}"],
+            "line 1: missing 'images', 'answer'; fix it, or skip bad lines with --skip-bad",
+        ),
+        (["eval", "--skip-bad"], "--skip-bad skips bad rows of a --data file; the testbed has none"),
         (["eval", "--data", "{empty}"], "has no items"),
         (["eval", "--data", "{nowhere}"], "does not exist"),
         (["eval", "--model", "{not_mllama}"], "'llama' model"),

@@ -173,10 +173,11 @@ def test_shipped_checkpoint_answers_held_out_questions():
 
 def test_cli_exports_held_out_questions_that_load_back(tmp_path, capsys):
     assert cli.main(["testbed", "data", "--out", str(tmp_path), "--count", "4"]) == 0
-    items, score = sources.load(tmp_path / "heldout.jsonl")
+    dataset = sources.load(tmp_path / "heldout.jsonl")
+    items = dataset.items
     expected = data.heldout(4)
     assert [(i.id, i.prompt, i.answer, i.category) for i in items] == [
         (i.id, i.prompt, i.answer, i.category) for i in expected
     ]
     assert np.array_equal(np.asarray(items[0].images[0]), np.asarray(expected[0].images[0]))
-    assert score is sources.exact_match
+    assert dataset.score is sources.exact_match and dataset.official is None

@@ -1,14 +1,16 @@
 """VLMEvalKit TSVs: reading each benchmark's layout, prompts, answer extraction, official metrics, bad rows."""
 
 import base64
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
+from support import run_cli
 
-from crosstrim.tools import UserError, vlmeval
+from crosstrim.tools import UserError, distributed, sources, vlmeval
 from crosstrim.tools.dataset import Item
-from crosstrim.tools.inference import predict
+from crosstrim.tools.inference import Prediction, predict
 
 
 def picture(seed: int, size=(32, 32)) -> Image.Image:
@@ -189,9 +191,10 @@ def test_a_bad_row_is_an_error_naming_it_or_skipped_with_a_count(tmp_path, chang
     with pytest.raises(UserError) as err:
         vlmeval.load_tsv(path)
     assert str(err.value).startswith(f"{where}: {message}")
-    assert "skip_bad=True" in str(err.value)
+    assert "--skip-bad" in str(err.value) and "skip_bad=True" in str(err.value)
     data = vlmeval.load_tsv(path, skip_bad=True)
-    assert len(data.items) == 5 and [s.split(": ", 1)[0] for s in data.skipped] == [where]
+    assert len(data.items) == 5 and [(s.where, s.index) for s in data.skipped] == [(where, str(index))]
+    assert data.skipped[0].reason.startswith(message) and str(data.skipped[0]).startswith(f"{where}: {message}")
 
 
 def test_truncated_images_are_caught_even_when_pil_is_told_to_accept_them(tmp_path, monkeypatch):
@@ -287,7 +290,7 @@ def test_mcq_accuracy_per_category_and_mmvp_pairs(files):
     assert [vlmeval.correct(i, t) for i, t in zip(seed, ["A", "B", "C", "C"])] == [True, True, True, False]
     mmvp = vlmeval.load_tsv(files["MMVP"]).items  # answers A B A B, pairs (1, 2) and (3, 4)
     result = vlmeval.score(mmvp, ["A", "B", "A", "A"])
-    assert result["acc"] == 75.0 and result["pair_acc"] == 50.0 and list(result)[:2] == ["acc", "pair_acc"]
+    assert result["acc"] == 75.0 and result["pair_acc"] == 50.0 and list(result)[:2] == ["pair_acc", "acc"]
     with pytest.raises(ValueError, match="no prediction for 1 item"):
         vlmeval.score(mmvp, {"1": "A", "2": "B", "3": "A"})
 
@@ -295,39 +298,110 @@ def test_mcq_accuracy_per_category_and_mmvp_pairs(files):
 # -- crosstrim eval --data FILE.tsv ----------------------------------------------------------------
 
 
-def test_crosstrim_eval_reads_tsv_and_scores_with_the_benchmark_extraction(tmp_path, files, capsys):
-    import json
-
-    from crosstrim import cli, tiny
-    from crosstrim.tools import sources
-
-    items, scorer = sources.load(files["SEEDBench_IMG"])
-    assert scorer is vlmeval.correct and [i.id for i in items] == ["100", "101", "102", "103"]
+def test_a_tsv_source_scores_per_question_and_officially(tmp_path, files):
+    data = sources.load(files["SEEDBench_IMG"])
+    assert (data.score, data.official, data.headline, data.skipped) == (vlmeval.correct, vlmeval.score, "acc", [])
+    assert [i.id for i in data.items] == ["100", "101", "102", "103"]
     with pytest.raises(UserError, match=r"SEEDBench_IMG.tsv has no 'B' column"):
         rows = [{k: v for k, v in row.items() if k != "B"} for row in seed_rows()]
         sources.load(vlmeval.write_tsv(tmp_path / "SEEDBench_IMG.tsv", rows))
-    model, processor = tiny.random_model(seed=0)
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    argv = [
-        "eval",
-        "--data",
-        files["POPE"],
-        "--model",
-        tmp_path / "model",
-        "--device",
-        "cpu",
-        "--out",
-        tmp_path / "out",
+
+
+def wrong(item: Item) -> str:
+    options = item.extra.get("options", {"Yes": "", "No": ""})
+    return next(answer for answer in options if answer != item.answer)
+
+
+def fake_predictions(model, processor, items, config, *, progress=None, **_):
+    """Untrimmed: every answer right; trimmed: right at even positions, wrong at odd ones."""
+    if progress is not None:
+        progress(len(items))
+    if config is None:
+        return [Prediction(item.id, item.answer) for item in items]
+    return [
+        Prediction(item.id, wrong(item) if n % 2 else item.answer, 17 + n, 68, 4000, 1000 + n)
+        for n, item in enumerate(items)
     ]
-    argv += ["--k-ratios", "0.25", "--keep-ratios", "0.5", "--methods", "random", "--batch-size", "3"]
-    argv += ["--max-new-tokens", "2"]
-    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
-    pope = vlmeval.load_tsv(files["POPE"]).items
-    official = vlmeval.score_runs(files["POPE"], tmp_path / "out" / "results.json")
-    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
-    assert list(official) == [run["label"] for run in runs]
+
+
+# The headline metric of every benchmark fixture when every answer is right.
+PERFECT = {
+    "MME": ("perception", 200.0),
+    "POPE": ("f1", 100.0),
+    "SEEDBench_IMG": ("acc", 100.0),
+    "MMVP": ("pair_acc", 100.0),
+}
+
+
+@pytest.mark.parametrize("name", PERFECT)
+def test_eval_reports_each_benchmarks_official_metrics(tmp_path, files, checkpoint_dir, capsys, monkeypatch, name):
+    """results.json, results.md and the plot carry the official metrics, recomputable from the saved answers."""
+    from matplotlib.figure import Figure
+
+    monkeypatch.setattr(distributed, "predict_sharded", fake_predictions)
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k)))
+    code, out, err = run_cli(
+        capsys, "eval", "--data", files[name], "--model", checkpoint_dir, "--device", "cpu", "--out", tmp_path / "out",
+        "--k-ratios", "0.25", "--keep-ratios", "",
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    items = vlmeval.load_tsv(files[name]).items
+    headline, perfect = PERFECT[name]
+    assert result["setup"]["headline"] == headline == vlmeval.headline(name) and result["skipped"] == []
+    runs = result["runs"]
+    assert [r["label"] for r in runs] == ["full", "trimmed k=0.25", "later layers: 1 token"]
     for run in runs:
-        texts = [p["prediction"] for p in run["predictions"]]
-        assert official[run["label"]] == vlmeval.score(pope, texts)
-        assert run["accuracy"] == pytest.approx(official[run["label"]]["acc"] / 100)
+        official = vlmeval.score(items, [p["prediction"] for p in run["predictions"]])
+        assert run["official"] == official and next(iter(official)) == headline
+        assert run["accuracy"] == pytest.approx(official["acc"] / 100)
+    assert runs[0]["official"][headline] == perfect and runs[1]["official"][headline] < perfect
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert f"| cross-attn KV / sample | {headline} |" in table and f"(headline: {headline};" in table
+    for run in runs:
+        assert f"| {run['label']} |" in table and f"| {run['official'][headline]:.2f} |" in table
+    assert table in out
+    (axes,) = figures[0].axes
+    assert axes.get_ylabel() == f"{headline} (official metric)"
+    lines = {line.get_label(): list(line.get_ydata()) for line in axes.get_lines()}
+    assert lines["full"][0] == perfect and lines["trimmed (k_ratio)"] == [runs[1]["official"][headline]]
+
+
+def bad_pope(tmp_path):
+    """POPE with a malformed row 3 (a field too many) and an undecodable image in row 5."""
+    rows = pope_rows()
+    rows[4]["image"] = base64.b64encode(b"GIF89a" + bytes(200)).decode()
+    path = vlmeval.write_tsv(tmp_path / "POPE.tsv", rows)
+    lines = path.read_text().splitlines()
+    lines[3] += "\textra"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_eval_skip_bad_skips_reports_and_records_bad_rows(tmp_path, checkpoint_dir, capsys):
+    """With the real (tiny) model: the bad rows are left out, counted, listed, and the rest is scored."""
+    path = bad_pope(tmp_path)
+    argv = ["eval", "--data", path, "--model", checkpoint_dir, "--device", "cpu", "--out", tmp_path / "out"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("crosstrim eval: error: POPE.tsv row 3 (line 4): has 6 tab-separated fields")
+    assert "--skip-bad" in err and not (tmp_path / "out").exists()
+    argv += ["--skip-bad", "--k-ratios", "0.25", "--keep-ratios", "0.5", "--methods", "random", "--batch-size", "3"]
+    code, _, err = run_cli(capsys, *argv, "--max-new-tokens", "2")
+    assert code == 0, err
+    notice = "skipped 2 bad rows (first: POPE.tsv row 3 (line 4): has 6 tab-separated fields, the header has 5)"
+    assert [line for line in err.splitlines() if "skipped" in line] == [
+        f"crosstrim eval: {notice}; all are listed in results.json"
+    ]
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["skipped"] == [
+        {"where": "POPE.tsv row 3 (line 4)", "index": "", "reason": "has 6 tab-separated fields, the header has 5"},
+        {"where": "POPE.tsv row 5 (line 6, index 4)", "index": "4", "reason": "image is not a decodable image"},
+    ]
+    assert "Skipped 2 bad rows" in (tmp_path / "out" / "results.md").read_text()
+    items = vlmeval.load_tsv(path, skip_bad=True).items
+    assert result["setup"]["items"] == 4 and [i.id for i in items] == ["0", "1", "3", "5"]
+    for run in result["runs"]:
+        assert [p["id"] for p in run["predictions"]] == [i.id for i in items]
+        assert run["official"] == vlmeval.score(items, [p["prediction"] for p in run["predictions"]])

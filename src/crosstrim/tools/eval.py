@@ -3,7 +3,9 @@
 One dataset is answered by the untrimmed model and by each selection rule at several budgets; the
 result is a table (accuracy per category, kept fraction, cross-attention KV cache), a JSON file with
 the configuration, library versions and every prediction, and a plot of accuracy against the
-fraction of image tokens kept. Greedy decoding in a fixed order makes every number reproducible.
+fraction of image tokens kept. For a benchmark with official metrics (a VLMEvalKit TSV) every run is
+also scored by them, and the plot shows the headline one. Greedy decoding in a fixed order makes
+every number reproducible.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import argparse
 import json
 import platform
 import statistics
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +24,6 @@ import crosstrim
 from crosstrim.config import TrimConfig
 from crosstrim.testbed import data as testbed_data
 from crosstrim.tools import UserError, distributed, options, sources
-from crosstrim.tools.dataset import Item
 from crosstrim.tools.inference import Prediction
 from crosstrim.tools.testbed import load_model, progress_bar
 
@@ -51,11 +53,12 @@ def plan(k_ratios: list[float], keep_ratios: list[float], methods: list[str]) ->
     return runs
 
 
-def summarise(run: Run, items: list[Item], predictions: list[Prediction], score: sources.Scorer) -> dict:
-    """Accuracy overall and per category, kept fraction and KV bytes, and the per-item records."""
+def summarise(run: Run, data: sources.Dataset, predictions: list[Prediction]) -> dict:
+    """Accuracy overall and per category, the official metrics (``None`` where the dataset has none),
+    kept fraction and KV bytes, and the per-item records."""
     records, by_category = [], {}
-    for item, pred in zip(items, predictions):
-        correct = score(item, pred.text)
+    for item, pred in zip(data.items, predictions):
+        correct = data.score(item, pred.text)
         by_category.setdefault(item.category, []).append((correct, pred.kept_fraction))
         records.append(
             {
@@ -76,6 +79,7 @@ def summarise(run: Run, items: list[Item], predictions: list[Prediction], score:
         "family": run.family,
         "config": asdict(run.config) if run.config is not None else None,
         "accuracy": sum(r["correct"] for r in records) / len(records),
+        "official": data.official(data.items, [p.text for p in predictions]) if data.official else None,
         "per_category": {
             cat: {
                 "accuracy": sum(c for c, _ in rows) / len(rows),
@@ -92,17 +96,24 @@ def summarise(run: Run, items: list[Item], predictions: list[Prediction], score:
     }
 
 
+def official_columns(results: list[dict]) -> list[str]:
+    """The overall official metrics of the runs (no per-category ones), headline first; none without."""
+    return [key for key in results[0]["official"] or {} if "/" not in key]
+
+
 def table(results: list[dict]) -> str:
-    """A Markdown table: one row per run, accuracy per category, kept fraction, KV cache per sample."""
+    """A Markdown table: one row per run, kept fraction, KV cache per sample, the overall official
+    metrics (where the dataset has them), accuracy overall and per category."""
     categories = list(results[0]["per_category"])
+    official = official_columns(results)
     full_kv = next((r["kv_bytes_full"] for r in results if r["kv_bytes_full"]), None)
-    head = ["run", "kept (mean ± sd)", "cross-attn KV / sample", "accuracy", *categories]
+    head = ["run", "kept (mean ± sd)", "cross-attn KV / sample", *official, "accuracy", *categories]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         kv = r["kv_bytes_kept"] if r["kv_bytes_kept"] is not None else full_kv
         kv_text = f"{kv / 1024:.1f} KiB" if kv is not None else "n/a"
         kept = f"{r['kept_fraction']:.1%} ± {r['kept_fraction_std']:.1%}"
-        cells = [r["label"], kept, kv_text, f"{r['accuracy']:.1%}"]
+        cells = [r["label"], kept, kv_text, *(f"{r['official'][key]:.2f}" for key in official), f"{r['accuracy']:.1%}"]
         cells += [f"{r['per_category'][c]['accuracy']:.1%}" for c in categories]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -121,20 +132,23 @@ def kept_by_category(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
-    """Accuracy against mean kept fraction, one line per method family, one panel per category."""
+def plot(results: list[dict], path: Path, title: str, headline: str | None = None) -> None:
+    """Accuracy against mean kept fraction, one line per method family, one panel per category; with
+    ``headline`` (an official metric), that metric of every run in a single panel instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     categories = list(results[0]["per_category"])
-    panels = ["all"] + (categories if 1 < len(categories) <= 4 else [])
+    panels = ["all"] + (categories if 1 < len(categories) <= 4 and headline is None else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     families = [f for f in dict.fromkeys(r["family"] for r in results) if f not in ("full", "one token")]
     for ax, panel in zip(axes[0], panels):
 
         def acc(r, panel=panel):
+            if headline is not None:
+                return r["official"][headline]
             return r["accuracy"] if panel == "all" else r["per_category"][panel]["accuracy"]
 
         def kept(r, panel=panel):
@@ -151,9 +165,10 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         ax.set_title(panel)
         ax.set_xlabel("kept fraction of image tokens")
         ax.set_xlim(0, 1.02)
-        ax.set_ylim(0, 1.02)
+        # Official metrics are percentages or, for MME, points (up to 2000): scaled to the values.
+        ax.set_ylim(0, 1.02 if headline is None else 1.05 * max([acc(r) for r in results] + [1.0]))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].set_ylabel("accuracy" if headline is None else f"{headline} (official metric)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -186,7 +201,12 @@ def _ratios(text: str, flag: str) -> list[float]:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="accuracy vs kept image features for every selection method")
     options.add_model_arguments(parser, required=False)
-    parser.add_argument("--data", metavar="FILE", help="dataset file (.jsonl); default: the testbed held-out split")
+    parser.add_argument(
+        "--data", metavar="FILE", help="dataset file (.jsonl, VLMEvalKit .tsv); default: the testbed held-out split"
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip --data rows that cannot become items (listed in results.json)"
+    )
     parser.add_argument("--limit", type=int, default=600, help="use the first N items (default 600)")
     parser.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder (default runs/eval)")
     parser.add_argument("--k-ratios", default="0.5,0.25,0.15,0.1,0.05", help="trimmed k_ratio sweep")
@@ -212,15 +232,24 @@ def run(args: argparse.Namespace) -> int:
     runs = plan(_ratios(args.k_ratios, "--k-ratios"), _ratios(args.keep_ratios, "--keep-ratios"), methods)
     runs = [Run(r.label, r.family, r.config and TrimConfig(**{**asdict(r.config), "seed": args.seed})) for r in runs]
     if args.data:
-        items, score = sources.load(args.data)
-        items = items[: args.limit]
+        data = sources.load(args.data, skip_bad=args.skip_bad)
+        data = replace(data, items=data.items[: args.limit])
         data_name = args.data
+    elif args.skip_bad:
+        raise UserError("--skip-bad skips bad rows of a --data file; the testbed has none")
     else:
-        items, score = testbed_data.heldout(args.limit), sources.exact_match
+        data = sources.Dataset(testbed_data.heldout(args.limit), sources.exact_match)
         data_name = f"testbed held-out split (seed {testbed_data.HELDOUT_SEED}, first {args.limit})"
+    items = data.items
     # Under torchrun every process answers its shard of whole batches (the batches one process would
     # form), so the merged predictions, and the scores, equal a single-process run's.
     with distributed.process_group(args.device) as rank:
+        if data.skipped and rank.is_main:
+            print(
+                f"crosstrim eval: skipped {len(data.skipped)} bad row{'s' if len(data.skipped) > 1 else ''} "
+                f"(first: {data.skipped[0]}); all are listed in results.json",
+                file=sys.stderr,
+            )
         if rank.world_size > 1:
             args.device = str(rank.device)
         model, processor, model_name = load_model(args)
@@ -241,14 +270,22 @@ def run(args: argparse.Namespace) -> int:
                     progress=lambda n: bar.advance(task, n),
                 )
                 if predictions is not None:
-                    results.append(summarise(r, items, predictions, score))
+                    results.append(summarise(r, data, predictions))
         if not rank.is_main:
             return 0
         processes = rank.world_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{model_name} on {data_name}, {len(items)} items"
-    report = f"{title}\n\n{table(results)}\n"
+    report = f"{title}\n\n"
+    if data.skipped:
+        report += f"Skipped {len(data.skipped)} bad rows of the file (listed in results.json).\n\n"
+    if data.official is not None:
+        report += (
+            f"Official metrics: {', '.join(official_columns(results))} (headline: {data.headline}; per category in "
+            "results.json). accuracy and the category columns are per question.\n\n"
+        )
+    report += f"{table(results)}\n"
     adaptive = kept_by_category(results)
     if adaptive:
         report += f"\nKept fraction per category (trimmed, k_ratio):\n\n{adaptive}\n"
@@ -263,9 +300,12 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(model.dtype),
         "decoding": "greedy",
         "processes": processes,
+        "headline": data.headline,
     }
-    (out / "results.json").write_text(json.dumps({"setup": setup, "versions": versions(), "runs": results}, indent=1))
-    plot(results, out / "accuracy_vs_kept.png", title)
+    skipped = [asdict(s) for s in data.skipped]
+    record = {"setup": setup, "versions": versions(), "skipped": skipped, "runs": results}
+    (out / "results.json").write_text(json.dumps(record, indent=1))
+    plot(results, out / "accuracy_vs_kept.png", title, data.headline)
     print(report)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy_vs_kept.png'}")
     return 0

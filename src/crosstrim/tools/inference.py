@@ -35,10 +35,13 @@ def batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
 
 
 def encode(processor, items: Sequence[Item], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Processor inputs for a batch, left-padded so generated tokens line up at the end."""
+    """Processor inputs for a batch, left-padded so generated tokens line up at the end.
+
+    The side is passed per call (not set on the tokenizer) so the caller's processor is left as it was.
+    """
     texts = [checkpoint.format_prompt(processor, item.prompt, len(item.images)) for item in items]
-    processor.tokenizer.padding_side = "left"
-    encoded = processor(images=[list(item.images) for item in items], text=texts, return_tensors="pt", padding=True)
+    images = [list(item.images) for item in items]
+    encoded = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
     return encoded.to(device)
 
 

@@ -23,7 +23,7 @@ benchmark's official metric:
 * POPE: accuracy, precision, recall, F1 ("yes" is positive) and the yes-ratio, overall and per
   category (a row may list several, comma-separated);
 * multiple choice (SEEDBench_IMG, MMVP, any other MCQ file): accuracy overall and per category;
-  MMVP adds ``pair_acc``, VLMEvalKit's case accuracy (both questions of a pair right);
+  MMVP's headline is ``pair_acc``, VLMEvalKit's case accuracy (both questions of a pair right);
 * any other yes/no file: accuracy overall and per category.
 
 Every value is a percentage except MME's points.
@@ -74,8 +74,22 @@ MME_PERCEPTION = (
 MME_COGNITION = ("code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation")
 MCQ_INSTRUCTION = "Please select the correct answer from the options above. \n"
 OPTION_LETTERS = string.ascii_uppercase
+# The end of every bad-row error: the two ways to go on (crosstrim eval's flag, load_tsv's argument).
+_SKIP_HINT = "fix it, or skip bad rows (crosstrim eval --skip-bad; load_tsv(..., skip_bad=True))"
 # VLMEvalKit stores an image once and lets other rows name its index instead: short cells are references.
 _REFERENCE_MAX_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A row that could not become an item: where it is, its index (``""`` if unknown) and why."""
+
+    where: str
+    index: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,7 @@ class TsvData:
 
     benchmark: str
     items: list[Item]
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -261,8 +275,8 @@ def load_tsv(path: str | Path, *, benchmark: str | None = None, skip_bad: bool =
             the columns (option columns: multiple choice; Yes/No answers: yes/no).
         skip_bad: skip rows that cannot become items (wrong field count, empty or duplicate index,
             missing question or answer, an answer that is not an option, an image that is not base64
-            or does not decode, a reference to a missing row) and list them in ``skipped``, instead
-            of stopping at the first one. Missing columns are always an error.
+            or does not decode, a reference to a missing row) and list them in ``skipped`` (as
+            :class:`Skipped`), instead of stopping at the first one. Missing columns are always an error.
 
     Raises:
         UserError: naming the file, line and index of the first bad row (without ``skip_bad``), a
@@ -301,7 +315,7 @@ def load_tsv(path: str | Path, *, benchmark: str | None = None, skip_bad: bool =
     by_index = {_cell(row, "index"): _cell(row, "image") for _, row in records if "__fields__" not in row}
     images = _Images(file, by_index, image_column)
     items: list[Item] = []
-    skipped: list[str] = []
+    skipped: list[Skipped] = []
     seen: set[str] = set()
     for number, (line, row) in enumerate(records, start=1):
         index = _cell(row, "index")
@@ -317,8 +331,8 @@ def load_tsv(path: str | Path, *, benchmark: str | None = None, skip_bad: bool =
             seen.add(index)
         except _BadRow as bad:
             if not skip_bad:
-                raise UserError(f"{where}: {bad}; fix the row, or load with skip_bad=True to skip bad rows") from bad
-            skipped.append(f"{where}: {bad}")
+                raise UserError(f"{where}: {bad}; {_SKIP_HINT}") from bad
+            skipped.append(Skipped(where, index, str(bad)))
     if not items:
         raise UserError(f"{file.name} has no usable rows" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return TsvData(name, items, skipped)
@@ -354,11 +368,6 @@ def _item(row: Mapping[str, str], index: str, name: str, kind: str, letters: Seq
     if name == "MME" and not category:
         raise _BadRow("category is empty (MME scores per category)")
     return Item(id=index, images=pictures, prompt=prompt, answer=answer, category=category, extra=extra)
-
-
-def load(path: Path) -> list[Item]:
-    """The items of a VLMEvalKit TSV (strict: a bad row is an error). For ``crosstrim eval --data``."""
-    return load_tsv(path).items
 
 
 # -- writing (fixtures, conversions) -------------------------------------------------------------
@@ -539,9 +548,10 @@ def _mmvp_pairs(items: Sequence[Item], hits: Sequence[bool]) -> float:
 def score(items: Sequence[Item], predictions: Mapping[str, str] | Sequence[str]) -> dict[str, float]:
     """The benchmark's official metrics for ``predictions`` (by item id, or in item order).
 
-    The first key is the headline metric (MME ``perception``, POPE ``f1``, MCQ ``acc``); per-category
-    values follow as ``category/metric``. ``unknown`` is the percentage of answers from which no
-    yes/no or option could be read (they count as wrong).
+    The first key is the headline metric, :func:`headline` (MME ``perception``, POPE ``f1``, MMVP
+    ``pair_acc``, other MCQ and yes/no ``acc``); per-category values follow as ``category/metric``.
+    ``unknown`` is the percentage of answers from which no yes/no or option could be read (they
+    count as wrong).
     """
     if not items:
         raise ValueError("no items to score")
@@ -559,38 +569,22 @@ def score(items: Sequence[Item], predictions: Mapping[str, str] | Sequence[str])
     else:
         result = _accuracy(items, hits)
         if name == "MMVP":
-            result = {"acc": result["acc"], "pair_acc": _mmvp_pairs(items, hits)} | result
+            result["pair_acc"] = _mmvp_pairs(items, hits)
     result["unknown"] = _percent([p == "Unknown" for p in predicted])
-    return result
-
-
-def score_runs(path: str | Path, results: str | Path) -> dict[str, dict[str, float]]:
-    """Official metrics of every run in a ``crosstrim eval --data PATH`` ``results.json``, by run label.
-
-    ``crosstrim eval`` reports per-question accuracy; this adds what only the whole benchmark
-    defines (MME's acc+ and scores, POPE's F1 and yes-ratio, MMVP's pair accuracy).
-    """
-    import json
-
-    by_id = {item.id: item for item in load_tsv(path, skip_bad=True).items}
-    scored = {}
-    for run in json.loads(Path(results).read_text(encoding="utf-8"))["runs"]:
-        answered = [(by_id[p["id"]], p["prediction"]) for p in run["predictions"] if p["id"] in by_id]
-        if len(answered) != len(run["predictions"]):
-            raise UserError(f"{Path(results).name} holds answers to questions that are not in {Path(path).name}")
-        scored[run["label"]] = score([item for item, _ in answered], [text for _, text in answered])
-    return scored
+    first = headline(name)
+    return {first: result.pop(first)} | result
 
 
 def headline(benchmark: str) -> str:
-    """The metric :func:`score` lists first for ``benchmark``."""
-    return {"MME": "perception", "POPE": "f1"}.get(benchmark, "acc")
+    """The benchmark's headline metric: the one :func:`score` lists first and ``crosstrim eval`` plots."""
+    return {"MME": "perception", "POPE": "f1", "MMVP": "pair_acc"}.get(benchmark, "acc")
 
 
 __all__ = [
     "BENCHMARKS",
     "MME_COGNITION",
     "MME_PERCEPTION",
+    "Skipped",
     "TsvData",
     "benchmark_name",
     "correct",
@@ -599,10 +593,8 @@ __all__ = [
     "extract_yes_no",
     "extracted",
     "headline",
-    "load",
     "load_tsv",
     "mcq_prompt",
     "score",
-    "score_runs",
     "write_tsv",
 ]
