@@ -1,6 +1,7 @@
 """`crosstrim eval`, `viz` and `demo` on the shipped testbed checkpoint, and their bad-input errors."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -172,3 +173,16 @@ def test_sources_registry_is_keyed_by_suffix():
     assert set(sources.SOURCES) >= {".jsonl"}
     with pytest.raises(UserError, match="unknown dataset format"):
         sources.load("x.tsv" if ".tsv" not in sources.SOURCES else "x.parquet")
+
+
+def test_encode_pads_left_without_changing_the_callers_processor():
+    from crosstrim.testbed import model as testbed_model
+    from crosstrim.tools import inference
+
+    processor = testbed_model.build_processor()
+    processor.tokenizer.padding_side = "right"
+    short, long = data.heldout(2)
+    long = replace(long, prompt="how many shapes are there ? how many shapes are there ?")
+    mask = inference.encode(processor, [short, long], "cpu")["attention_mask"]
+    assert mask[0, 0] == 0 and mask[0, -1] == 1 and bool(mask[1].all())  # left padding
+    assert processor.tokenizer.padding_side == "right"
