@@ -101,6 +101,33 @@ def test_processor_sees_padding_tiles_and_the_recipe_targets_every_cell():
         assert (targets[b, tiles[b] :] == -100).all() and (targets[b, :, 0] == -100).all()  # padding, CLS
 
 
+def test_cell_targets_give_every_token_its_neighbours_across_tile_borders():
+    objects = [[0, 3, "circle", "red"], [0, 4, "cross", "blue"], [1, 3, "square", "green"]]
+    item = data.make_item(1, 0)
+    item = type(item)("x", item.images, "q", "a", "relational", {"layout": [1, 2], "objects": objects})
+    targets = train.cell_targets([item], 4)[0]
+    per_tile = data.TILE_CELLS**2
+    directions = list(data.DIRECTIONS)
+
+    def fields(row, col):  # the token of cell (row, col): tile, then 1 + patch (CLS first)
+        tile, patch = col // data.TILE_CELLS, row * data.TILE_CELLS + col % data.TILE_CELLS
+        return targets[tile, 1 + patch].tolist()
+
+    def neighbour(row, col, direction):
+        at = 4 + 2 * directions.index(direction)
+        return fields(row, col)[at : at + 2]
+
+    shape, colour = (lambda s: 1 + data.SHAPES.index(s)), (lambda c: 1 + list(data.COLORS).index(c))
+    assert fields(0, 3)[:4] == [shape("circle"), colour("red"), 0, 3]
+    assert neighbour(0, 3, "right of") == [shape("cross"), colour("blue")]  # in the next tile
+    assert neighbour(0, 4, "left of") == [shape("circle"), colour("red")]
+    assert neighbour(0, 3, "below") == [shape("square"), colour("green")]
+    assert neighbour(1, 3, "above") == [shape("circle"), colour("red")]
+    assert neighbour(0, 3, "above") == [0, 0]  # off the image: empty
+    assert neighbour(0, 0, "right of") == [0, 0]  # an empty cell beside an empty cell
+    assert targets.shape == (4, 1 + per_tile, train.CELL_FIELDS) and (targets[2:] == -100).all()
+
+
 def _processor():
     from crosstrim.testbed import model
 
