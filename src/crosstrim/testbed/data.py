@@ -10,7 +10,7 @@ padding tiles all occur. Question families need different amounts of the image:
 
 * ``local``: one object named by its shape or colour ("what color is the circle ?");
 * ``relational``: the neighbour of a named object ("what shape is left of the red one ?"), which
-  needs two looks: find the object, then read the cell beside it;
+  needs what lies beside the object found (the training recipe teaches every token its neighbours);
 * ``global``: every object ("how many shapes are there ?", "is there a cross ?").
 """
 
