@@ -5,7 +5,7 @@ import torch
 from support import inputs, masked_reference, positions, text_model
 
 import crosstrim
-from crosstrim import method, tiny
+from crosstrim import memory, method, tiny
 
 # Three samples: two images (2 + 1 tiles, so padding tiles); one 4-tile image (left padded, so a
 # padding image slot too); two 1-tile images after text, whose rows before the first image
@@ -119,12 +119,13 @@ def test_batch_equals_each_sample_alone(model, processor, batch, config):
             torch.testing.assert_close(logits[b, -width:], single, atol=1e-5, rtol=0)
 
 
+def cross_cache_bytes(model, cache) -> int:
+    """Bytes the cache's cross-attention layers hold, counted from its tensors."""
+    return memory.held_kv_bytes(cache, text_model(model).config.cross_attention_layers).cross_attn
+
+
 @pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[-1]], ids=[IDS[1], IDS[-1]])
 def test_cache_holds_kept_tokens_and_reported_bytes_are_measured_bytes(model, processor, batch, config):
-    def cross_cache_bytes(cache):
-        layers = text_model(model).config.cross_attention_layers
-        return sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in layers)
-
     full = forward(model, batch, use_cache=True).past_key_values
     layers = sorted(text_model(model).config.cross_attention_layers)
     with crosstrim.trimmed(model, config) as handle:
@@ -135,8 +136,8 @@ def test_cache_holds_kept_tokens_and_reported_bytes_are_measured_bytes(model, pr
                 stats.image_tokens if (i == layers[0] and not config.trim_first_layer_cache) else max(stats.kept_counts)
             )
             assert cache.layers[i].keys.shape[2] == cache.layers[i].values.shape[2] == expected
-        assert cross_cache_bytes(cache) == stats.kv_bytes_kept
-        assert cross_cache_bytes(full) == stats.kv_bytes_full
+        assert cross_cache_bytes(model, cache) == stats.kv_bytes_kept
+        assert cross_cache_bytes(model, full) == stats.kv_bytes_full
         alone = inputs(processor, [BATCH[1]], seed=10)
         cache = forward(model, alone, use_cache=True).past_key_values
         assert cache.layers[layers[1]].keys.shape[2] == handle.stats.kept_counts[0] == stats.kept_counts[1]
@@ -344,16 +345,13 @@ def test_manual_decode_with_the_returned_cache(model, batch, config):
 
 
 def test_per_sample_kv_bytes_equal_the_cache_of_that_sample_alone(model, processor):
-    def cross_cache_bytes(cache):
-        layers = text_model(model).config.cross_attention_layers
-        return sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in layers)
-
     for b in range(len(BATCH)):
         alone = inputs(processor, [BATCH[b]], seed=10 * b)
         full_cache = forward(model, alone, use_cache=True).past_key_values
         with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:
             cache = forward(model, alone, use_cache=True).past_key_values
-        assert handle.stats.sample_kv_bytes(0) == (cross_cache_bytes(full_cache), cross_cache_bytes(cache))
+        measured = (cross_cache_bytes(model, full_cache), cross_cache_bytes(model, cache))
+        assert handle.stats.sample_kv_bytes(0) == measured
 
 
 def test_torch_compile_graph_breaks_around_selection_and_matches_eager(model, batch):
