@@ -59,6 +59,55 @@ def masked_reference(model, kept: tuple[torch.Tensor, ...], tokens: int, *, firs
         kwargs = dict(kwargs, cross_attention_mask=mask.masked_fill(drop, torch.finfo(mask.dtype).min))
         return args, kwargs
 
+    with _cross_layer_pre_hooks(text, hook):
+        yield
+
+
+def valid_image_tokens(batch, tokens: int) -> torch.Tensor:
+    """``(B, N)``: image tokens of real (non-padding) tiles, from the processor's cross-attention mask."""
+    tiles = batch["cross_attention_mask"].bool().any(1)  # (B, images, tiles)
+    return tiles.flatten(1).repeat_interleave(tokens // tiles.flatten(1).shape[1], dim=1)
+
+
+@contextlib.contextmanager
+def summary_reference(model, kept: tuple[torch.Tensor, ...], valid: torch.Tensor, images: int):
+    """Run the *unpatched* model with every dropped image token replaced by the mean of its image's
+    dropped tokens, in the later cross-attention layers only; nothing is removed, padding tiles
+    that were not kept are masked. ``summarize_dropped`` must reproduce it: by ToMe's identity, n
+    equal tokens attract what one token does with its logit raised by log(n).
+    """
+    text = text_model(model)
+    layers = sorted(text.config.cross_attention_layers)
+    tokens = valid.shape[1]
+    keep = torch.zeros_like(valid)
+    for b, idx in enumerate(kept):
+        keep[b, idx] = True
+    dropped = (valid & ~keep).view(len(kept), images, -1)
+
+    def hook(layer, args, kwargs):
+        if layer.layer_idx == layers[0]:
+            return None
+        kwargs = dict(kwargs)
+        states = kwargs.get("cross_attention_states")
+        if states is not None:
+            flat = states.reshape(len(kept), images, tokens // images, -1)
+            weights = dropped.to(flat.dtype)[..., None]
+            means = (flat * weights).sum(2, keepdim=True) / weights.sum(2, keepdim=True).clamp(min=1)
+            kwargs["cross_attention_states"] = torch.where(dropped[..., None], means, flat).reshape(states.shape)
+        mask = kwargs.get("cross_attention_mask")
+        if mask is not None:
+            unused = ~(keep | valid).to(mask.device)[:, None, None, :]
+            kwargs["cross_attention_mask"] = mask.masked_fill(unused, torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+    with _cross_layer_pre_hooks(text, hook):
+        yield
+
+
+@contextlib.contextmanager
+def _cross_layer_pre_hooks(text, hook):
+    """``hook`` as a pre-hook (with kwargs) on every cross-attention layer of ``text``, inside the block."""
+    layers = sorted(text.config.cross_attention_layers)
     handles = [text.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers]
     try:
         yield

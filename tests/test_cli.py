@@ -34,6 +34,15 @@ def test_generate_accepts_baselines_and_explicit_image_tokens(capsys, checkpoint
     assert "uniform keep=0.5: kept 5" in out  # exactly ceil(0.5 * 34) = 17 of 34 per image -> 50.0%
 
 
+def test_generate_summarize_dropped_and_its_one_conflict(capsys, checkpoint_dir, image_file):
+    common = ["generate", "--model", checkpoint_dir, "--image", image_file, "--prompt", "what ?", "--device", "cpu"]
+    code, out, err = run_cli(capsys, *common, "--max-new-tokens", "2", "--summarize-dropped")
+    assert code == 0, err
+    assert "answer (trimmed k=0.25 +summary):" in out
+    code, _, err = run_cli(capsys, *common, "--summarize-dropped", "--trim-first-layer-cache")
+    assert code == 2 and "set trim_first_layer_cache=False" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -42,6 +42,28 @@ def test_eval_writes_table_json_and_plot(tmp_path, capsys):
     assert "full" in out and str(tmp_path / "results.md") in out
 
 
+def test_eval_summarize_dropped_runs_every_selection_twice_with_the_same_kept_tokens(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "eval", "--limit", "4", "--k-ratios", "0.25", "--keep-ratios", "0.5", "--methods", "uniform",
+        "--summarize-dropped", "--out", tmp_path, "--device", "cpu", "--batch-size", "4", "--max-new-tokens", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    runs = {r["label"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert list(runs) == [
+        "full",
+        "trimmed k=0.25",
+        "trimmed k=0.25 +summary",
+        "uniform keep=0.5",
+        "uniform keep=0.5 +summary",
+        "later layers: 1 token",
+    ]
+    for label in ("trimmed k=0.25", "uniform keep=0.5"):
+        plain, summary = runs[label], runs[f"{label} +summary"]
+        assert summary["family"] == f"{plain['family']} +summary"
+        assert [p["kept"] for p in summary["predictions"]] == [p["kept"] for p in plain["predictions"]]
+        assert summary["kv_bytes_kept"] > plain["kv_bytes_kept"]  # one more cached token per later layer
+
+
 def test_summary_counts_correct_answers_per_category():
     items = [
         Item(str(i), (), "q", answer, cat) for i, (answer, cat) in enumerate([("red", "a"), ("no", "a"), ("two", "b")])

@@ -284,6 +284,8 @@ def test_model_args_errors_and_registration(setup):
     with pytest.raises(ValueError, match="unknown method 'fastv'"):
         adapter.trim_config("fastv")
     assert adapter.trim_config("trimmed", k_ratio=1) == TrimConfig(k_ratio=1.0)
+    summarized = adapter.trim_config("uniform", keep_ratio="0.5", summarize_dropped=True)
+    assert summarized == TrimConfig(method="uniform", keep_ratio=0.5, summarize_dropped=True)
     dispatched = adapter.LlamaVisionTrimmed(pretrained=str(root / "model"), device_map="auto", dtype="float32")
     assert dispatched.device == torch.device("cpu") and dispatched.config == TrimConfig(k_ratio=0.25)
     _, pope = setup

@@ -211,3 +211,49 @@ def test_select_dispatches_every_method():
         keep = method.select(config, scores, valid, seeds=[0])
         assert 4 <= int(keep.sum()) <= 8, config
     assert method.select(TrimConfig(keep_ratio=1.0), None, valid).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_summary_token_attends_like_every_dropped_token_replaced_by_their_mean(batch, images, per_image, seed):
+    """ToMe's identity: n equal keys attract what one key with logit + log(n) attracts."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens, dim, length, minimum = images * per_image, 6, 4, torch.finfo(torch.float32).min
+    states = torch.randn(batch, tokens, dim, generator=gen)
+    valid = torch.rand(batch, tokens, generator=gen) < 0.8
+    keep = valid & (torch.rand(batch, tokens, generator=gen) < 0.5)
+    valid[:, ::per_image] = True  # every image has a real tile: no row is left fully masked
+    keep[:, 0] = True
+    dropped = valid & ~keep
+    mask = torch.where(valid[:, None, None, :].expand(batch, 1, length, tokens), 0.0, minimum).clone()
+    if images > 1:
+        mask[:, :, 1, :per_image] = minimum  # row 1 may not see image 0 (so not its stand-in either)
+    query = torch.randn(batch, length, dim, generator=gen)
+
+    # Reference: every dropped token replaced by its image's dropped mean, nothing removed.
+    replaced = states.clone()
+    means = method.summary_tokens(states, dropped, images)
+    for b in range(batch):
+        for i in range(images):
+            span = slice(i * per_image, (i + 1) * per_image)
+            replaced[b, span][dropped[b, span]] = means[b, i]
+            if dropped[b, span].any():
+                torch.testing.assert_close(means[b, i], states[b, span][dropped[b, span]].mean(0))
+    unmasked = mask.masked_fill(~(keep | valid)[:, None, None, :], minimum)[:, 0]
+    reference = torch.softmax(query @ replaced.transpose(1, 2) + unmasked, -1) @ replaced
+
+    index, slot_valid = method.keep_to_index(keep)
+    kept = torch.cat([method.gather_tokens(states, index), means], 1)
+    kept_mask = torch.cat([method.gather_mask(mask, index, slot_valid), method.summary_mask(mask, dropped, images)], -1)
+    got = torch.softmax(query @ kept.transpose(1, 2) + kept_mask[:, 0], -1) @ kept
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_summary_mask_masks_images_that_dropped_nothing_and_rows_that_cannot_see_them():
+    minimum = torch.finfo(torch.float32).min
+    mask = torch.zeros(1, 1, 2, 6)
+    mask[0, 0, 1, 3:] = minimum  # row 1 cannot see image 1
+    dropped = torch.tensor([[False, False, False, True, True, False]])
+    columns = method.summary_mask(mask, dropped, images=2)
+    assert columns[0, 0, :, 0].tolist() == [minimum, minimum]  # image 0 dropped nothing
+    assert columns[0, 0, 0, 1].item() == pytest.approx(math.log(2)) and columns[0, 0, 1, 1].item() == minimum

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from support import inputs, masked_reference, positions, text_model
+from support import inputs, masked_reference, positions, summary_reference, text_model, valid_image_tokens
 
 import crosstrim
 from crosstrim import memory, method, tiny
@@ -81,6 +81,34 @@ def test_trimmed_equals_masked_reference(model, batch, config):
     with masked_reference(
         model, generate_stats.kept_indices, stats.image_tokens, first_layer_decode=first_layer_decode
     ):
+        assert torch.equal(tokens, model.generate(**batch, **GREEDY))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        crosstrim.TrimConfig(k_ratio=0.1, summarize_dropped=True),
+        crosstrim.TrimConfig(method="uniform", keep_ratio=0.3, summarize_dropped=True),
+    ],
+    ids=lambda c: c.describe(),
+)
+def test_summarize_dropped_equals_dropped_tokens_replaced_by_their_mean(model, batch, config):
+    plain = crosstrim.TrimConfig(**{**config.__dict__, "summarize_dropped": False})
+    with crosstrim.trimmed(model, plain):
+        without = forward(model, batch).logits
+    with crosstrim.trimmed(model, config) as handle:
+        out = forward(model, batch, use_cache=True)
+        stats = handle.stats
+        tokens = model.generate(**batch, **GREEDY)
+    assert not torch.allclose(out.logits, without, atol=1e-3)  # the summary tokens change the answer
+    assert cross_cache_bytes(model, out.past_key_values) == stats.kv_bytes_kept
+    images = batch["cross_attention_mask"].shape[2]
+    assert stats.summary_tokens == images
+    layers = sorted(text_model(model).config.cross_attention_layers)
+    assert out.past_key_values.layers[layers[1]].keys.shape[2] == max(stats.kept_counts) + images
+    valid = valid_image_tokens(batch, stats.image_tokens)
+    with summary_reference(model, stats.kept_indices, valid, images):
+        torch.testing.assert_close(out.logits, forward(model, batch).logits, atol=1e-5, rtol=0)
         assert torch.equal(tokens, model.generate(**batch, **GREEDY))
 
 

@@ -41,6 +41,13 @@ class TrimConfig:
         trim_first_layer_cache: also shrink the first cross-attention layer's KV cache to the kept
             tokens after prefill, so decoding reads only kept features everywhere. Off by default,
             as in the paper: the first layer scores with all features and keeps them.
+        summarize_dropped: not in the paper. Later cross-attention layers also attend one extra token
+            per image that stands in for everything it dropped: the mean of the dropped features,
+            with its attention logit raised by ``log(dropped count)`` so it receives about the
+            attention they would have had (see :func:`crosstrim.method.summary_tokens`). Without it
+            the kept tokens share all the attention, which skews anything read from attention shares
+            (the testbed model over-counts). Costs one cached token per image and layer; needs
+            ``trim_first_layer_cache=False``.
         score_chunk_elements: upper bound on the attention-probability elements materialised at
             once while scoring (query rows are processed in chunks), so scoring a long prompt
             on a large batch never allocates gigabytes.
@@ -51,6 +58,7 @@ class TrimConfig:
     keep_ratio: float | None = None
     seed: int = 0
     trim_first_layer_cache: bool = False
+    summarize_dropped: bool = False
     score_chunk_elements: int = 1 << 25
 
     def __post_init__(self) -> None:
@@ -76,6 +84,13 @@ class TrimConfig:
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.trim_first_layer_cache, bool):
             raise TypeError("trim_first_layer_cache must be True or False")
+        if not isinstance(self.summarize_dropped, bool):
+            raise TypeError("summarize_dropped must be True or False")
+        if self.summarize_dropped and self.trim_first_layer_cache:
+            raise ValueError(
+                "summarize_dropped adds a summary token to the later layers only; the first layer's cache "
+                "must keep every token (set trim_first_layer_cache=False)"
+            )
         if isinstance(self.score_chunk_elements, bool) or not isinstance(self.score_chunk_elements, int):
             raise TypeError("score_chunk_elements must be an int")
         if self.score_chunk_elements < 1:
@@ -99,4 +114,4 @@ class TrimConfig:
     def describe(self) -> str:
         """A short label such as ``trimmed k=0.25`` for tables and logs."""
         budget = f"k={self.k_ratio:g}" if self.k_ratio is not None else f"keep={self.keep_ratio:g}"
-        return f"{self.method} {budget}"
+        return f"{self.method} {budget}" + (" +summary" if self.summarize_dropped else "")

@@ -76,7 +76,7 @@ def attention_scores(
 
     Returns:
         ``(B, H, N)`` float32 scores. They equal the layer's eager attention weights summed over
-        ``rows``; computing them beside the real attention keeps sdpa/flash usable everywhere.
+        ``rows``; computing them beside the real attention keeps sdpa usable everywhere.
     """
     batch, heads, length, dim = query.shape
     kv_heads, tokens = key.shape[1], key.shape[2]
@@ -279,6 +279,38 @@ def gather_mask(additive_mask: torch.Tensor, index: torch.Tensor, slot_valid: to
     return gathered.masked_fill(~slot_valid[:, None, None, :], torch.finfo(additive_mask.dtype).min)
 
 
+def summary_tokens(states: torch.Tensor, dropped: torch.Tensor, images: int) -> torch.Tensor:
+    """One stand-in per image for the tokens it dropped: the ``(B, images, D)`` mean of the
+    ``(B, N, D)`` features where the ``(B, N)`` mask ``dropped`` is set (zeros where none is).
+
+    Softmax attention reads *shares*: once tokens are gone, the kept ones split all the attention
+    among themselves, and anything a later layer estimates from a share (how many objects, how
+    much of the image is background) shifts. The mean of the dropped features, attended with its
+    logit raised by ``log(count)`` (:func:`summary_mask`), takes back about the mass the dropped
+    tokens had -- ToMe's proportional attention for one merged token. Values are linear in the
+    features, so the stand-in's value is exactly the dropped values' mean; its key is the mean up to
+    the key norm.
+    """
+    batch, tokens, dim = states.shape
+    weights = dropped.to(states.dtype).view(batch, images, tokens // images)
+    sums = torch.einsum("bis,bisd->bid", weights, states.view(batch, images, tokens // images, dim))
+    return sums / weights.sum(-1).clamp(min=1)[..., None]
+
+
+def summary_mask(additive_mask: torch.Tensor, dropped: torch.Tensor, images: int) -> torch.Tensor:
+    """The ``(B, 1, L, images)`` additive mask columns of :func:`summary_tokens`' stand-ins.
+
+    A row may attend an image's stand-in where it may attend any of that image's tokens in the
+    full ``(B, 1, L, N)`` mask (Mllama's masks give a row all of an image's valid tiles or none),
+    with bias ``log(dropped count)``; an image that dropped nothing is masked.
+    """
+    batch, _, length, tokens = additive_mask.shape
+    counts = dropped.view(batch, images, tokens // images).sum(-1)[:, None, None, :]
+    allowed = (additive_mask.view(batch, 1, length, images, tokens // images) == 0).any(-1)
+    bias = torch.log(counts.clamp(min=1).to(additive_mask.dtype))
+    return torch.where(allowed & (counts > 0), bias, torch.finfo(additive_mask.dtype).min)
+
+
 def gather_cache(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather a cached ``(B, G, N, d)`` key or value tensor to ``(B, G, K, d)``."""
     batch, heads, tokens, dim = tensor.shape
@@ -306,6 +338,8 @@ __all__ = [
     "random_keep",
     "scoring_rows",
     "select",
+    "summary_mask",
+    "summary_tokens",
     "union_budget",
     "union_topk",
     "uniform_keep",

@@ -1,6 +1,6 @@
 """Trimmed Llama on a stock transformers ``Mllama`` model, through forward hooks only.
 
-How it hooks in (no modeling code is copied or replaced, attention stays sdpa/flash):
+How it hooks in (no modeling code is copied or replaced, attention stays sdpa):
 
 * the text decoder's pre-hook notes this call's 2-D ``attention_mask`` and cache;
 * the first cross-attention layer's ``q_norm``/``k_norm`` hooks capture the queries and keys the
@@ -35,6 +35,8 @@ class TrimStats:
     ``kept_indices[b]`` index sample ``b``'s image tokens as transformers lays them out:
     ``image * max_tiles * tokens_per_tile + tile * tokens_per_tile + token``.
     A sample with no image keeps every token (it passes through untouched) and reports 0 valid.
+    ``summary_tokens`` counts the stand-ins for dropped tokens (``TrimConfig.summarize_dropped``: one
+    per image slot) that every trimmed layer caches per sample beside the kept tokens.
     """
 
     method: str
@@ -47,12 +49,14 @@ class TrimStats:
     kv_bytes_full: int
     kv_bytes_kept: int
     kv_bytes_per_token: int
+    summary_tokens: int = 0
 
     def sample_kv_bytes(self, b: int) -> tuple[int, int]:
         """Cross-attention KV bytes ``(full, kept)`` sample ``b`` holds when run alone (no batch padding)."""
         untrimmed = self.cross_layers - self.trimmed_layers
         full = self.cross_layers * self.image_tokens * self.kv_bytes_per_token
-        kept = (self.trimmed_layers * self.kept_counts[b] + untrimmed * self.image_tokens) * self.kv_bytes_per_token
+        trimmed = self.kept_counts[b] + self.summary_tokens
+        kept = (self.trimmed_layers * trimmed + untrimmed * self.image_tokens) * self.kv_bytes_per_token
         return full, kept
 
     @property
@@ -82,6 +86,8 @@ class _Selection:
     index: torch.Tensor  # (B, K) long
     slot_valid: torch.Tensor  # (B, K) bool
     full_tokens: int  # N
+    images: int  # image slots per row
+    dropped: torch.Tensor | None = None  # (B, N) bool, set with TrimConfig.summarize_dropped
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.index.to(device), self.slot_valid.to(device)
@@ -116,6 +122,12 @@ def _text_model(model: nn.Module) -> nn.Module:
             f"MllamaForConditionalGeneration); got {type(model).__name__}"
         )
     return found[0]
+
+
+def _cache(kwargs: dict) -> Any:
+    """The cache a layer or model call received: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
 
 
 def _check_cache(cache: Any, layers: list[int]) -> None:
@@ -183,7 +195,7 @@ class TrimHandle:
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Under torch.compile the data-dependent selection graph-breaks and runs eagerly, so
         # compiled models work; only pre-allocated (static) caches are refused.
-        cache = kwargs.get("past_key_values")
+        cache = _cache(kwargs)
         _check_cache(cache, self._layers)
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache, input_ids=ids)
@@ -231,21 +243,22 @@ class TrimHandle:
             # A sample with no image (every row fully masked) passes through untouched.
             keep |= ~valid.any(dim=-1, keepdim=True)
         index, slot_valid = method.keep_to_index(keep)
-        step.selection = _Selection(index, slot_valid, tokens)
+        dropped = valid & ~keep if self.config.summarize_dropped and not self.config.is_identity else None
+        step.selection = _Selection(index, slot_valid, tokens, self._images(tokens), dropped)
         step.prefill = True
         step.query = step.key = None
         valid_counts = valid.sum(-1).tolist()
         kept_counts = keep.sum(-1).tolist()
         self.stats = self._stats(step.selection, kept_counts, valid_counts, batch, states.dtype)
         # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
-        step.cache = kwargs.get("past_key_values", step.cache)
+        cache = _cache(kwargs)
+        step.cache = step.cache if cache is None else cache
         if step.cache is not None:
             setattr(step.cache, _SELECTION_ATTR, step.selection)
 
     def _select_per_image(self, scores: torch.Tensor | None, valid: torch.Tensor, tokens: int) -> torch.Tensor:
         """Apply the budget per image, so every image keeps its share (one image: the paper's rule)."""
-        batch = valid.shape[0]
-        images = tokens // self._segment if tokens % self._segment == 0 else 1
+        batch, images = valid.shape[0], self._images(tokens)
         seg = tokens // images
         flat_scores = None
         if scores is not None:
@@ -254,6 +267,10 @@ class TrimHandle:
         seeds = self._random_seeds(valid.view(batch, images, seg)) if self.config.method == "random" else None
         keep = method.select(self.config, flat_scores, valid.reshape(batch * images, seg), seeds)
         return keep.reshape(batch, tokens)
+
+    def _images(self, tokens: int) -> int:
+        """Image slots in a row of ``tokens`` image tokens (one when the layout is not the model's)."""
+        return tokens // self._segment if tokens % self._segment == 0 else 1
 
     def _random_seeds(self, valid: torch.Tensor) -> list[int]:
         """One seed per (sample, image slot) for the random baseline, from the sample alone.
@@ -313,19 +330,10 @@ class TrimHandle:
                     f"cross_attention_mask covers {mask.shape[-1]} image tokens but the prefill had "
                     f"{selection.full_tokens}; start a new generation for a new image"
                 )
-            kwargs["cross_attention_mask"] = self._shared(
-                step, 0, device, lambda: method.gather_mask(mask, *selection.on(mask.device))
-            )
+            kwargs["cross_attention_mask"] = self._shared(step, 0, device, lambda: _gathered_mask(mask, selection))
         if states is not None:
-            batch = hidden.shape[0]
-            kwargs["cross_attention_states"] = self._shared(
-                step,
-                1,
-                device,
-                lambda: method.gather_tokens(
-                    states.reshape(batch, -1, states.shape[-1]), selection.on(states.device)[0]
-                ),
-            )
+            flat = states.reshape(hidden.shape[0], -1, states.shape[-1])
+            kwargs["cross_attention_states"] = self._shared(step, 1, device, lambda: _gathered_states(flat, selection))
         return args, kwargs
 
     @staticmethod
@@ -355,7 +363,8 @@ class TrimHandle:
         head_dim = text_config.hidden_size // text_config.num_attention_heads
         size = torch.empty((), dtype=dtype).element_size()
         full = method.kv_bytes(batch, selection.full_tokens, kv_heads, head_dim, size)
-        slim = method.kv_bytes(batch, selection.index.shape[1], kv_heads, head_dim, size)
+        summaries = selection.images if selection.dropped is not None else 0
+        slim = method.kv_bytes(batch, selection.index.shape[1] + summaries, kv_heads, head_dim, size)
         trimmed = len(self._layers) - (0 if self.config.trim_first_layer_cache else 1)
         index_cpu = selection.index.cpu()
         return TrimStats(
@@ -369,7 +378,26 @@ class TrimHandle:
             kv_bytes_full=full * len(self._layers),
             kv_bytes_kept=slim * trimmed + full * (len(self._layers) - trimmed),
             kv_bytes_per_token=method.kv_bytes(1, 1, kv_heads, head_dim, size),
+            summary_tokens=summaries,
         )
+
+
+def _gathered_mask(mask: torch.Tensor, selection: _Selection) -> torch.Tensor:
+    """The additive mask over the kept slots, then the summary tokens' columns if there are any."""
+    gathered = method.gather_mask(mask, *selection.on(mask.device))
+    if selection.dropped is None:
+        return gathered
+    summaries = method.summary_mask(mask, selection.dropped.to(mask.device), selection.images)
+    return torch.cat([gathered, summaries], dim=-1)
+
+
+def _gathered_states(states: torch.Tensor, selection: _Selection) -> torch.Tensor:
+    """The kept image features ``(B, K, D)``, then one summary token per image if there are any."""
+    gathered = method.gather_tokens(states, selection.on(states.device)[0])
+    if selection.dropped is None:
+        return gathered
+    summaries = method.summary_tokens(states, selection.dropped.to(states.device), selection.images)
+    return torch.cat([gathered, summaries], dim=1)
 
 
 def trim(model: nn.Module, config: TrimConfig | None = None) -> TrimHandle:

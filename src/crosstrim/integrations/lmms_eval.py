@@ -11,8 +11,8 @@ Model arguments (``--model_args key=value,...``):
 
 * ``pretrained``: a local checkpoint folder or a Hub id;
 * ``method``: ``trimmed`` (default), ``mean``, ``random``, ``uniform``, or ``full`` for the untrimmed
-  model; ``k_ratio`` / ``keep_ratio`` / ``seed`` / ``trim_first_layer_cache`` as in
-  :class:`crosstrim.TrimConfig`;
+  model; ``k_ratio`` / ``keep_ratio`` / ``seed`` / ``trim_first_layer_cache`` /
+  ``summarize_dropped`` as in :class:`crosstrim.TrimConfig`;
 * ``batch_size`` (default 1; overrides ``--batch_size``), ``max_new_tokens`` (used when a task sets
   none; default 1024, as lmms-eval's ``llama_vision``);
 * ``device`` (``auto``: ``cuda:LOCAL_RANK`` when CUDA is there, else ``cpu``), ``dtype`` (``auto``:
@@ -92,6 +92,7 @@ def trim_config(
     keep_ratio: float | None = None,
     seed: int = 0,
     trim_first_layer_cache: bool = False,
+    summarize_dropped: bool = False,
 ) -> TrimConfig | None:
     """The :class:`TrimConfig` model arguments describe (``None`` for ``method=full``)."""
     if method in UNTRIMMED:
@@ -106,6 +107,7 @@ def trim_config(
         keep_ratio=None if keep_ratio is None else float(keep_ratio),
         seed=int(seed),
         trim_first_layer_cache=bool(trim_first_layer_cache),
+        summarize_dropped=bool(summarize_dropped),
     )
 
 
@@ -152,6 +154,7 @@ class LlamaVisionTrimmed(lmms):
         keep_ratio: float | None = None,
         seed: int = 0,
         trim_first_layer_cache: bool = False,
+        summarize_dropped: bool = False,
         batch_size: int | str = 1,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         device: str = "auto",
@@ -165,10 +168,10 @@ class LlamaVisionTrimmed(lmms):
         if unknown:
             raise TypeError(
                 f"{LMMS_EVAL_MODEL} got unknown model_args {', '.join(sorted(unknown))}; it takes pretrained, "
-                "method, k_ratio, keep_ratio, seed, trim_first_layer_cache, batch_size, max_new_tokens, device, "
-                "dtype, device_map, stats_path"
+                "method, k_ratio, keep_ratio, seed, trim_first_layer_cache, summarize_dropped, batch_size, "
+                "max_new_tokens, device, dtype, device_map, stats_path"
             )
-        self.config = trim_config(method, k_ratio, keep_ratio, seed, trim_first_layer_cache)
+        self.config = trim_config(method, k_ratio, keep_ratio, seed, trim_first_layer_cache, summarize_dropped)
         if not str(batch_size).isdigit():
             raise ValueError(f"batch_size must be a whole number (no automatic batch size), got {batch_size!r}")
         self.batch_size_per_process = int(batch_size)

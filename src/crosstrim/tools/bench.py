@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import functools
+import inspect
 import itertools
 import json
 import os
@@ -194,7 +196,21 @@ def timed_call(model, config: TrimConfig | None, clock: Clock, **inputs):
     t = {key: sum(clock.seconds(a, b) for a, b in v) for key, v in spans.items()}
     layers = [t[i] for i in range(len(model.model.language_model.layers))]
     stats = handle.stats if handle is not None else None
-    return result.past_key_values, token, (wall, cpu, other, t.get("hook", 0.0)), layers, stats
+    cache = getattr(result, cache_argument())
+    return cache, token, (wall, cpu, other, t.get("hook", 0.0)), layers, stats
+
+
+@functools.cache
+def cache_argument() -> str:
+    """transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``
+    (the old name warns until it goes in 5.40); older releases know only the old name."""
+    from transformers import MllamaForConditionalGeneration
+
+    return (
+        "cache"
+        if "cache" in inspect.signature(MllamaForConditionalGeneration.forward).parameters
+        else "past_key_values"
+    )
 
 
 KEYS = ("{}_s", "{}_cpu_s", "{}_other_cpu_s", "hook_{}_s", "layer_{}_s")  # a sample's times, as timed_call's
@@ -228,7 +244,7 @@ def measure(model, variants: list, inputs: dict, steps: int, clock: Clock) -> di
             cache, token, mask = state[name]
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             step = {"attention_mask": mask, "cross_attention_mask": inputs["cross_attention_mask"][:, -1:]}
-            step |= {"input_ids": token, "past_key_values": cache}
+            step |= {"input_ids": token, cache_argument(): cache}
             _, token, times, layers, _ = timed_call(model, config, clock, **step)
             state[name] = (cache, token, mask)
             for key, t in zip(KEYS, (*times, layers)):

@@ -42,13 +42,20 @@ class Run:
     config: TrimConfig | None
 
 
-def plan(k_ratios: list[float], keep_ratios: list[float], methods: list[str]) -> list[Run]:
-    """The runs of one evaluation, untrimmed first."""
-    runs = [Run("full", "full", None)]
-    runs += [Run(f"trimmed k={k:g}", "trimmed (k_ratio)", TrimConfig(k_ratio=k)) for k in k_ratios]
+def plan(k_ratios: list[float], keep_ratios: list[float], methods: list[str], summarize: bool = False) -> list[Run]:
+    """The runs of one evaluation, untrimmed first; with ``summarize``, every selection also runs with
+    ``TrimConfig.summarize_dropped`` (family and label get ``+summary``)."""
+    selections = [Run(f"trimmed k={k:g}", "trimmed (k_ratio)", TrimConfig(k_ratio=k)) for k in k_ratios]
     for keep in keep_ratios:
         for name in methods:
-            runs.append(Run(f"{name} keep={keep:g}", f"{name} (keep_ratio)", TrimConfig(method=name, keep_ratio=keep)))
+            config = TrimConfig(method=name, keep_ratio=keep)
+            selections.append(Run(f"{name} keep={keep:g}", f"{name} (keep_ratio)", config))
+    runs = [Run("full", "full", None)]
+    for r in selections:
+        runs.append(r)
+        if summarize:
+            config = replace(r.config, summarize_dropped=True)
+            runs.append(Run(f"{r.label} +summary", f"{r.family} +summary", config))
     runs.append(Run("later layers: 1 token", "one token", TrimConfig(method="uniform", keep_ratio=ONE_TOKEN)))
     return runs
 
@@ -154,9 +161,15 @@ def plot(results: list[dict], path: Path, title: str, headline: str | None = Non
         def kept(r, panel=panel):
             return r["kept_fraction"] if panel == "all" else r["per_category"][panel]["kept_fraction"]
 
+        bases = list(dict.fromkeys(f.removesuffix(" +summary") for f in families))
         for family in families:
             rows = sorted((r for r in results if r["family"] == family), key=kept)
-            ax.plot([kept(r) for r in rows], [acc(r) for r in rows], marker="o", label=family)
+            summary = family.endswith(" +summary")  # drawn dashed, in its selection's colour
+            style = {
+                "color": f"C{bases.index(family.removesuffix(' +summary'))}",
+                "linestyle": "--" if summary else "-",
+            }
+            ax.plot([kept(r) for r in rows], [acc(r) for r in rows], marker="o", label=family, **style)
         for r in results:
             if r["family"] == "full":
                 ax.axhline(acc(r), color="black", linestyle="--", linewidth=1, label="full")
@@ -169,7 +182,7 @@ def plot(results: list[dict], path: Path, title: str, headline: str | None = Non
         ax.set_ylim(0, 1.02 if headline is None else 1.05 * max([acc(r) for r in results] + [1.0]))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy" if headline is None else f"{headline} (official metric)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -214,6 +227,11 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--methods", default="trimmed,mean,random,uniform", help="methods of the exact-budget sweep (comma-separated)"
     )
+    parser.add_argument(
+        "--summarize-dropped",
+        action="store_true",
+        help="also run every selection with TrimConfig.summarize_dropped (not in the paper)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
@@ -229,7 +247,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(crosstrim.config.METHODS)}"
         )
-    runs = plan(_ratios(args.k_ratios, "--k-ratios"), _ratios(args.keep_ratios, "--keep-ratios"), methods)
+    runs = plan(
+        _ratios(args.k_ratios, "--k-ratios"),
+        _ratios(args.keep_ratios, "--keep-ratios"),
+        methods,
+        args.summarize_dropped,
+    )
     runs = [Run(r.label, r.family, r.config and TrimConfig(**{**asdict(r.config), "seed": args.seed})) for r in runs]
     if args.data:
         data = sources.load(args.data, skip_bad=args.skip_bad)

@@ -24,6 +24,11 @@ def add_trim_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--trim-first-layer-cache", action="store_true", help="also shrink the first cross layer's KV cache"
     )
+    group.add_argument(
+        "--summarize-dropped",
+        action="store_true",
+        help="later layers also attend one mean token per image for what it dropped (not in the paper)",
+    )
 
 
 def trim_config(args: argparse.Namespace) -> TrimConfig:
@@ -35,6 +40,7 @@ def trim_config(args: argparse.Namespace) -> TrimConfig:
             keep_ratio=args.keep_ratio,
             seed=args.seed,
             trim_first_layer_cache=args.trim_first_layer_cache,
+            summarize_dropped=args.summarize_dropped,
         )
     except (TypeError, ValueError) as err:
         raise UserError(str(err)) from err
