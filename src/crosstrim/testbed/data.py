@@ -238,6 +238,23 @@ def questions(scene: Scene) -> list[tuple[str, str, str]]:
     return found
 
 
+def subject(scene: Scene, prompt: str) -> Obj | None:
+    """The object whose shape or colour answers a *local* or *relational* ``prompt``; None for *global*.
+
+    Training asks the first look for it (see :func:`crosstrim.testbed.train.look_targets`).
+    """
+    words = prompt.split()
+    if words[0] != "what":
+        return None
+    named = words[-3] if words[-2] == "one" else words[-2]
+    anchor = next(o for o in scene.objects if named in (o.shape, o.color))
+    direction = " ".join(words[3 : words.index("the")])
+    if not direction:
+        return anchor
+    dr, dc = DIRECTIONS[direction]
+    return scene.at(anchor.row + dr, anchor.col + dc)
+
+
 def make_item(
     split_seed: int, index: int, family: str | None = None, max_objects: int = MAX_OBJECTS, max_tiles: int = 4
 ) -> Item:

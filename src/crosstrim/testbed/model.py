@@ -24,7 +24,9 @@ def build_processor():
 
 
 def build_config(vocab_size: int):
-    """The ``MllamaConfig``: 64-wide vision encoder (2 + 1 layers), 128-wide 6-layer text decoder."""
+    """The ``MllamaConfig``: 64-wide vision encoder (2 + 1 layers), 128-wide 6-layer text decoder with
+    4 query and 4 KV heads (the recipe with the answer probe was only run with 4 KV heads; an earlier
+    checkpoint had 2, grouped like Llama-3.2-Vision's)."""
     return tiny.tiny_config(
         vocab_size,
         image_size=data.TILE,
@@ -37,5 +39,5 @@ def build_config(vocab_size: int):
         text_layers=TEXT_LAYERS,
         cross_attention_layers=CROSS_ATTENTION_LAYERS,
         heads=4,
-        kv_heads=2,
+        kv_heads=4,
     )
