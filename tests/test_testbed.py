@@ -67,9 +67,7 @@ def test_answers_follow_from_the_scene(family):
             dr, dc = DIRECTION[direction]
             other = next(o for o in objects if (o.row, o.col) == (anchor.row + dr, anchor.col + dc))
             assert item.answer == (other.color if words[1] == "color" else other.shape)
-        assert (family, item.prompt, item.answer) in data.questions(
-            data.Scene(tuple(item.extra["layout"]), tuple(objects), 0)
-        )
+        assert (family, item.prompt, item.answer) in data.questions(data.scene_of(item))
 
 
 def test_every_object_is_drawn_inside_its_own_patch():
@@ -190,8 +188,7 @@ def test_look_targets_name_the_object_that_answers_each_question_at_its_question
 def test_subject_of_every_generated_question_holds_its_answer():
     for index in range(60):
         item = data.make_item(3, index)
-        scene = data.Scene(tuple(item.extra["layout"]), tuple(_objects(item)), 0)
-        found = data.subject(scene, item.prompt)
+        found = data.subject(data.scene_of(item), item.prompt)
         if item.category == "global":
             assert found is None
         else:

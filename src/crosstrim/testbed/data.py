@@ -238,6 +238,11 @@ def questions(scene: Scene) -> list[tuple[str, str, str]]:
     return found
 
 
+def scene_of(item: Item) -> Scene:
+    """The scene ``item.extra`` records (layout and objects; the background shade is not kept)."""
+    return Scene(tuple(item.extra["layout"]), tuple(Obj(*o) for o in item.extra["objects"]), 0)
+
+
 def subject(scene: Scene, prompt: str) -> Obj | None:
     """The object whose shape or colour answers a *local* or *relational* ``prompt``; None for *global*.
 

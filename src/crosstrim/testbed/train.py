@@ -76,7 +76,7 @@ def packed(item: Item, rng: np.random.Generator, questions: int) -> Item:
     Every answer is followed by end-of-text. The first question is exactly the evaluation prompt,
     so the packed sequence starts with what the model sees at test time.
     """
-    scene = data.Scene(tuple(item.extra["layout"]), tuple(data.Obj(*o) for o in item.extra["objects"]), 0)
+    scene = data.scene_of(item)
     pool: dict[str, list[tuple[str, str]]] = {}
     for family, prompt, answer in data.questions(scene):
         pool.setdefault(family, []).append((prompt, answer))
@@ -208,7 +208,7 @@ def look_targets(processor, items: Sequence[Item], input_ids: torch.Tensor) -> t
     question = processor.tokenizer.convert_tokens_to_ids("?")
     out = torch.full((*input_ids.shape, 2), -100, dtype=torch.long)
     for b, item in enumerate(items):
-        scene = data.Scene(tuple(item.extra["layout"]), tuple(data.Obj(*o) for o in item.extra["objects"]), 0)
+        scene = data.scene_of(item)
         prompts = [q.strip() for q in item.prompt.split(EOS) if q.strip()]
         ends = (input_ids[b] == question).nonzero().flatten().tolist()
         for end, prompt in zip(ends, prompts):
