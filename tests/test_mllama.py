@@ -50,6 +50,7 @@ def batch(tiny_model):
         crosstrim.TrimConfig(keep_ratio=1.0),
         crosstrim.TrimConfig(method="random", keep_ratio=1.0),
         crosstrim.TrimConfig(method="uniform", keep_ratio=1.0, trim_first_layer_cache=True),
+        crosstrim.TrimConfig(k_ratio=1.0, summarize_dropped=True),
     ],
     ids=lambda c: c.describe(),
 )
@@ -60,6 +61,7 @@ def test_ratio_one_is_the_identity_and_remove_restores(model, batch, config):
         assert torch.equal(forward(model, batch).logits, reference)
         assert torch.equal(model.generate(**batch, **GREEDY), ref_tokens)
         assert handle.stats.kept_counts == (handle.stats.image_tokens,) * 3
+        assert handle.stats.kv_bytes_kept == handle.stats.kv_bytes_full  # no summary token either
     assert torch.equal(forward(model, batch).logits, reference)
 
 
