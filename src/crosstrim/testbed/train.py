@@ -141,20 +141,28 @@ def cell_targets(items: Sequence[Item], max_tiles: int) -> torch.Tensor:
     return out
 
 
-class CellProbe(nn.Module):
-    """Linear read-out of :func:`cell_targets` from a projected image token."""
+class FieldProbe(nn.Module):
+    """A linear read-out of several class fields (of ``sizes`` classes each) from every hidden row;
+    targets are ``(..., len(sizes))`` with -100 where a field is not asked."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, sizes: tuple[int, ...]) -> None:
         super().__init__()
-        grid = data.TILE_CELLS * max(max(layout) for layout in data.LAYOUTS)
-        look = (1 + len(data.SHAPES), 1 + len(data.COLORS))
-        self.sizes = (*look, grid, grid, *look * len(data.DIRECTIONS))
-        self.head = nn.Linear(hidden, sum(self.sizes))
+        self.sizes = sizes
+        self.head = nn.Linear(hidden, sum(sizes))
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.head(tokens.reshape(-1, tokens.shape[-1])).split(self.sizes, dim=-1)
+    def loss(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(rows.reshape(-1, rows.shape[-1])).split(self.sizes, dim=-1)
         flat = targets.reshape(-1, len(self.sizes))
         return sum(nn.functional.cross_entropy(lg, flat[:, i], ignore_index=-100) for i, lg in enumerate(logits))
+
+
+LOOK = (1 + len(data.SHAPES), 1 + len(data.COLORS))  # classes of a shape and a colour field (0: empty)
+
+
+def cell_probe(hidden: int) -> FieldProbe:
+    """Linear read-out of :func:`cell_targets` from a projected image token."""
+    grid = data.TILE_CELLS * max(max(layout) for layout in data.LAYOUTS)
+    return FieldProbe(hidden, (*LOOK, grid, grid, *LOOK * len(data.DIRECTIONS)))
 
 
 def word_targets(processor, items: Sequence[Item], input_ids: torch.Tensor) -> torch.Tensor:
@@ -218,20 +226,6 @@ def look_targets(processor, items: Sequence[Item], input_ids: torch.Tensor) -> t
                     [1 + data.SHAPES.index(found.shape), 1 + list(data.COLORS).index(found.color)]
                 )
     return out
-
-
-class LookProbe(nn.Module):
-    """Linear read-out of :func:`look_targets` from the text rows after a cross-attention layer."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.sizes = (1 + len(data.SHAPES), 1 + len(data.COLORS))
-        self.head = nn.Linear(hidden, sum(self.sizes))
-
-    def loss(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.head(rows.flatten(0, 1)).split(self.sizes, dim=-1)
-        flat = targets.flatten(0, 1)
-        return sum(nn.functional.cross_entropy(lg, flat[:, i], ignore_index=-100) for i, lg in enumerate(logits))
 
 
 def build(seed: int, gate_init: float):
@@ -299,7 +293,7 @@ def train(
     model, processor = build(recipe.seed, recipe.gate_init)
     model.train()
     hidden = model.config.text_config.hidden_size
-    probe, word_probe, look_probe = CellProbe(hidden), WordProbe(hidden), LookProbe(hidden)
+    probe, word_probe, look_probe = cell_probe(hidden), WordProbe(hidden), FieldProbe(hidden, LOOK)
     captured: dict[str, torch.Tensor] = {}
     layers = model.model.language_model.layers
 
