@@ -8,11 +8,11 @@ from PIL import Image
 from support import run_cli
 
 from crosstrim import cli
+from crosstrim.evaluation import UserError, sources
+from crosstrim.evaluation.dataset import Item
+from crosstrim.evaluation.inference import Prediction
 from crosstrim.testbed import data
-from crosstrim.tools import UserError, sources
 from crosstrim.tools import eval as evaluate
-from crosstrim.tools.dataset import Item
-from crosstrim.tools.inference import Prediction
 
 
 def test_eval_writes_table_json_and_plot(tmp_path, capsys):
@@ -198,8 +198,8 @@ def test_sources_registry_is_keyed_by_suffix():
 
 
 def test_encode_pads_left_without_changing_the_callers_processor():
+    from crosstrim.evaluation import inference
     from crosstrim.testbed import model as testbed_model
-    from crosstrim.tools import inference
 
     processor = testbed_model.build_processor()
     processor.tokenizer.padding_side = "right"

@@ -320,11 +320,6 @@ def gather_cache(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.view(batch * heads * tokens, dim).index_select(0, rows).view(batch, heads, index.shape[1], dim)
 
 
-def kv_bytes(batch: int, tokens: int, kv_heads: int, head_dim: int, element_size: int) -> int:
-    """Bytes of keys plus values one attention layer caches for ``tokens`` per sample."""
-    return 2 * batch * tokens * kv_heads * head_dim * element_size
-
-
 __all__ = [
     "attention_scores",
     "budget",
@@ -333,7 +328,6 @@ __all__ = [
     "gather_mask",
     "gather_tokens",
     "keep_to_index",
-    "kv_bytes",
     "mean_topk",
     "random_keep",
     "scoring_rows",

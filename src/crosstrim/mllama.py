@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crosstrim import method
+from crosstrim import memory, method
 from crosstrim.config import TrimConfig
 
 _SELECTION_ATTR = "_crosstrim_selection"
@@ -362,9 +362,9 @@ class TrimHandle:
         kv_heads = text_config.num_key_value_heads
         head_dim = text_config.hidden_size // text_config.num_attention_heads
         size = torch.empty((), dtype=dtype).element_size()
-        full = method.kv_bytes(batch, selection.full_tokens, kv_heads, head_dim, size)
+        full = memory.layer_kv_bytes(batch, selection.full_tokens, kv_heads, head_dim, size)
         summaries = selection.images if selection.dropped is not None else 0
-        slim = method.kv_bytes(batch, selection.index.shape[1] + summaries, kv_heads, head_dim, size)
+        slim = memory.layer_kv_bytes(batch, selection.index.shape[1] + summaries, kv_heads, head_dim, size)
         trimmed = len(self._layers) - (0 if self.config.trim_first_layer_cache else 1)
         index_cpu = selection.index.cpu()
         return TrimStats(
@@ -377,7 +377,7 @@ class TrimHandle:
             trimmed_layers=trimmed,
             kv_bytes_full=full * len(self._layers),
             kv_bytes_kept=slim * trimmed + full * (len(self._layers) - trimmed),
-            kv_bytes_per_token=method.kv_bytes(1, 1, kv_heads, head_dim, size),
+            kv_bytes_per_token=memory.layer_kv_bytes(1, 1, kv_heads, head_dim, size),
             summary_tokens=summaries,
         )
 

@@ -22,10 +22,11 @@ import torch
 
 import crosstrim
 from crosstrim.config import TrimConfig
+from crosstrim.evaluation import UserError, distributed, options, sources
+from crosstrim.evaluation.inference import Prediction
+from crosstrim.evaluation.options import progress_bar
 from crosstrim.testbed import data as testbed_data
-from crosstrim.tools import UserError, distributed, options, sources
-from crosstrim.tools.inference import Prediction
-from crosstrim.tools.testbed import load_model, progress_bar
+from crosstrim.testbed import load_model
 
 # "Later layers see one token": the budget that keeps a single token per image (1e-4 * N < 1 for
 # N <= 10,000 image tokens, i.e. any Llama-3.2-Vision input). It measures how much the model needs
@@ -275,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if rank.world_size > 1:
             args.device = str(rank.device)
-        model, processor, model_name = load_model(args)
+        model, processor, model_name = load_model(args.model, args.device, args.dtype)
         results = []
         with progress_bar() as bar:
             task = bar.add_task("eval", total=len(items) * len(runs), note="", visible=rank.is_main)

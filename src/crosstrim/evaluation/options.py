@@ -1,11 +1,12 @@
-"""Command-line options shared by the tools, so every command spells them the same way."""
+"""What the tools share on the command line: option spellings (every command spells them the same way),
+the :class:`~crosstrim.TrimConfig` they describe, and the progress bar."""
 
 from __future__ import annotations
 
 import argparse
 
 from crosstrim.config import METHODS, TrimConfig
-from crosstrim.tools import UserError
+from crosstrim.evaluation import UserError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -44,3 +45,26 @@ def trim_config(args: argparse.Namespace) -> TrimConfig:
         )
     except (TypeError, ValueError) as err:
         raise UserError(str(err)) from err
+
+
+def progress_bar():
+    """The progress bar every long-running tool shows (on stderr, so stdout stays the result)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
+        console=Console(stderr=True),
+    )
