@@ -57,7 +57,8 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     :func:`crosstrim.trim` handle, whose ``stats`` then describe the whole batch as a one-shot
     prefill would. Greedy, sampling, beam search and ``num_return_sequences`` run in transformers'
     own loop on the whole batch. ``prefill_batch_size`` counts samples before beam /
-    ``num_return_sequences`` expansion.
+    ``num_return_sequences`` expansion. Like a trim handle, a call owns the model while it runs:
+    do not call the same model from another thread meanwhile.
 
     Args:
         model: an ``MllamaForConditionalGeneration``, trimmed or not.
