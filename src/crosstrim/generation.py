@@ -113,7 +113,7 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     if selections[0] is not None:
         setattr(cache, _SELECTION_ATTR, _expand_selection(_merge_selections(selections), expand))
     if handle is not None:
-        handle.stats = _merge_stats([part.stats for part in parts], expand)
+        handle._calls.stats = _merge_stats([part.stats for part in parts], expand)
     if expand > 1:
         for layer in cache.layers:
             layer.keys = layer.keys.repeat_interleave(expand, dim=0)

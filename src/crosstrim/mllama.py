@@ -313,10 +313,10 @@ class TrimHandle:
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
         """``model.generate``, refusing ``use_cache=False``: without a cache every step would be a new
         prefill that selects again, scoring with the generated tokens too."""
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(kwargs.get("generation_config") or self.model.generation_config, "use_cache", True)
-        if not use_cache:
+        # As generate resolves it: the keyword, else the passed config, else the model's (unset means True).
+        configs = (kwargs.get("generation_config"), self.model.generation_config)
+        settings = [kwargs.get("use_cache"), *(getattr(c, "use_cache", None) for c in configs)]
+        if next((s for s in settings if s is not None), True) is False:
             raise ValueError(
                 "crosstrim selects image tokens once, at prefill, and keeps the selection on the KV cache; "
                 "generate(use_cache=False) would select again at every step from the prompt plus the generated "

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 def answer_all(args, config: TrimConfig, pending: list[Request], out: Path, totals: Totals, bad: list) -> list:
     """Answer ``pending`` batch by batch, appending each batch's answers to ``out`` as it finishes."""
-    model, processor, name = load_model(args)
+    model, processor, name = load_model(args.model, args.device, args.dtype)
     batch_size = args.batch_size or DEFAULT_BATCH
     if args.memory_budget is not None:
         batch_size, plan = budget_batch_size(model, processor, pending, config, args)
