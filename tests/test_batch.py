@@ -58,12 +58,12 @@ def test_answers_equal_model_generate_and_report_what_was_kept(capsys, checkpoin
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(5)]
     # The same batches answered by model.generate (one-shot prefill), as crosstrim eval answers them.
     model, processor = checkpoint.load(checkpoint_dir, "cpu", "float32")
-    torch.set_grad_enabled(False)
     items = [
         Item(r["id"], tuple(checkpoint.load_image(requests.parent / p) for p in r["images"]), r["prompt"], "", "")
         for r in read(requests)
     ]
-    expected = predict(model, processor, items, crosstrim.TrimConfig(k_ratio=0.1), batch_size=3, max_new_tokens=3)
+    with torch.no_grad():
+        expected = predict(model, processor, items, crosstrim.TrimConfig(k_ratio=0.1), batch_size=3, max_new_tokens=3)
     assert [r["answer"] for r in rows] == [p.text for p in expected]
     assert [(r["kept"], r["valid"]) for r in rows] == [(p.kept, p.valid) for p in expected]
     # The KV figures are those of the request run alone, measured on the cache (no slot of the batch's).
