@@ -303,6 +303,23 @@ def test_a_cache_that_does_not_hold_the_kept_width_fails_loudly(fresh, batch):
             hook.remove()
 
 
+def test_a_decode_step_on_a_cache_that_lost_the_selection_fails_loudly(model, batch):
+    with crosstrim.trimmed(model, CONFIG):
+        decode(model, batch, steps=1)  # the normal path
+        original = modeling_mllama.MllamaForConditionalGeneration.forward
+
+        def forgetful(self, *args, **kwargs):  # as if transformers copied the cache between steps
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None and "_crosstrim_selection" in vars(cache):
+                del cache._crosstrim_selection
+            return original(self, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(modeling_mllama.MllamaForConditionalGeneration, "forward", forgetful)
+            with pytest.raises(RuntimeError, match=rf"{DRIFT}.*carries no crosstrim selection"):
+                decode(model, batch, steps=1)
+
+
 def test_a_replaced_norm_module_fails_loudly_instead_of_crashing(fresh, batch):
     attn = text_model(fresh).layers[cross_layers(fresh)[0]].cross_attn
     with crosstrim.trimmed(fresh, CONFIG):
