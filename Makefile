@@ -10,7 +10,8 @@ BIN := $(VENV)/bin
 OLDEST_VENV ?= .venv-oldest
 OLDEST_TRANSFORMERS ?= transformers==4.57.3
 OLDEST_BIN := $(OLDEST_VENV)/bin
-CORE_TESTS := tests/test_method.py tests/test_mllama.py tests/test_memory.py tests/test_cli.py tests/test_reliability.py
+CORE_TESTS := tests/test_method.py tests/test_mllama.py tests/test_memory.py tests/test_cli.py tests/test_reliability.py \
+	tests/test_generation.py tests/test_batch.py tests/test_config.py
 export TORCH_PINS := import torch; v = torch.__version__.split("+")[0]; print(f"torch=={v} torchvision==0.{int(v.split('.')[1]) + 15}.*")
 
 .PHONY: demo test test-oldest lint venv venv-oldest clean

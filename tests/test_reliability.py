@@ -159,13 +159,13 @@ def test_two_threads_on_one_trimmed_model_each_trim_their_own_call(model, proces
                 t.join(120)
         finally:
             hook.remove()
+        for i, (logits, stats) in enumerate([results[0], results[1]]):
+            assert isinstance(logits, torch.Tensor), logits
+            expected_logits, expected_stats = alone[i]
+            torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+            assert stats.kept_counts == expected_stats.kept_counts
+            assert all(torch.equal(a, b) for a, b in zip(stats.kept_indices, expected_stats.kept_indices))
         assert handle.stats is main_stats  # the threads' calls did not replace this thread's stats
-    for i, (logits, stats) in enumerate([results[0], results[1]]):
-        assert isinstance(logits, torch.Tensor), logits
-        expected_logits, expected_stats = alone[i]
-        assert stats.kept_counts == expected_stats.kept_counts
-        assert all(torch.equal(a, b) for a, b in zip(stats.kept_indices, expected_stats.kept_indices))
-        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
 
 
 # -- item 6: exceptions ----------------------------------------------------------------------------
@@ -303,6 +303,23 @@ def test_a_cache_that_does_not_hold_the_kept_width_fails_loudly(fresh, batch):
             hook.remove()
 
 
+def test_a_decode_step_on_a_cache_that_lost_the_selection_fails_loudly(model, batch):
+    with crosstrim.trimmed(model, CONFIG):
+        decode(model, batch, steps=1)  # the normal path
+        original = modeling_mllama.MllamaForConditionalGeneration.forward
+
+        def forgetful(self, *args, **kwargs):  # as if transformers copied the cache between steps
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None and "_crosstrim_selection" in vars(cache):
+                del cache._crosstrim_selection
+            return original(self, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(modeling_mllama.MllamaForConditionalGeneration, "forward", forgetful)
+            with pytest.raises(RuntimeError, match=rf"{DRIFT}.*carries no crosstrim selection"):
+                decode(model, batch, steps=1)
+
+
 def test_a_replaced_norm_module_fails_loudly_instead_of_crashing(fresh, batch):
     attn = text_model(fresh).layers[cross_layers(fresh)[0]].cross_attn
     with crosstrim.trimmed(fresh, CONFIG):
@@ -313,3 +330,18 @@ def test_a_replaced_norm_module_fails_loudly_instead_of_crashing(fresh, batch):
                 forward(fresh, batch)
         finally:
             attn.q_norm = original
+
+
+# -- item 12: what output_attentions returns ---------------------------------------------------------
+
+
+def test_later_layers_attention_maps_are_as_wide_as_the_kept_slots(processor, batch):
+    """README, "Known limits": with eager attention, later cross layers' maps cover the K kept slots."""
+    eager = tiny.random_model(seed=0, processor=processor)[0]
+    eager.set_attn_implementation("eager")
+    layers = cross_layers(eager)
+    with crosstrim.trimmed(eager, CONFIG) as handle:
+        attentions = forward(eager, batch, output_attentions=True).attentions
+    assert attentions[layers[0]].shape[-1] == handle.stats.image_tokens
+    for idx in layers[1:]:
+        assert attentions[idx].shape[-1] == max(handle.stats.kept_counts) < handle.stats.image_tokens

@@ -462,6 +462,7 @@ class TrimHandle:
         else:
             selection = getattr(step.cache, _SELECTION_ATTR, None)
             if selection is None:
+                self._check_untrimmed(idx, _cache(kwargs), kwargs.get("cross_attention_mask"))
                 return None  # a cache filled before trimming holds every token
         mask = kwargs.get("cross_attention_mask")
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -484,6 +485,19 @@ class TrimHandle:
             flat = states.reshape(hidden.shape[0], -1, states.shape[-1])
             kwargs["cross_attention_states"] = self._shared(step, 1, device, lambda: _gathered_states(flat, selection))
         return args, kwargs
+
+    @staticmethod
+    def _check_untrimmed(idx: int, cache: Any, mask: torch.Tensor | None) -> None:
+        """A decode step without a stored selection must find a full-width cache, or the selection was lost."""
+        if cache is None or mask is None:
+            return
+        layers = getattr(cache, "layers", None)
+        keys = getattr(layers[idx], "keys", None) if layers is not None and idx < len(layers) else None
+        if keys is not None and keys.shape[-2] != mask.shape[-1]:
+            raise _drift(
+                f"at a decode step, cross-attention layer {idx} caches {keys.shape[-2]} image tokens but the cache "
+                f"object carries no crosstrim selection (mask over {mask.shape[-1]}): the cache was replaced"
+            )
 
     @staticmethod
     def _shared(step: _Step, slot: int, device: torch.device, make) -> torch.Tensor:
