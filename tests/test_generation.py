@@ -167,6 +167,7 @@ def test_bad_arguments_raise_clear_errors(model, processor, two_images):
     call(TypeError, "MllamaForConditionalGeneration", target=torch.nn.Linear(2, 2))
     call(TypeError, "MllamaForConditionalGeneration", target=text_model(model))
     call(ValueError, "drop cache", cache=object())
+    call(ValueError, "drop past_key_values", past_key_values=object())
     call(ValueError, "cache_implementation='static'", cache_implementation="static")
     call(ValueError, "use_cache=False", use_cache=False)
     call(ValueError, "assisted decoding", prompt_lookup_num_tokens=2)
