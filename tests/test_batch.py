@@ -215,3 +215,14 @@ def test_memory_budget_picks_the_batch_the_memory_model_allows(capsys, checkpoin
     assert code == 2 and "--memory-budget must be a positive number" in err
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--prefill-batch-size", "0")
     assert code == 2 and "--prefill-batch-size must be at least 1" in err
+
+
+def test_without_model_it_answers_with_the_shipped_testbed(capsys, requests, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    code, stdout, err = run_cli(
+        capsys, "batch", "--requests", requests, "--out", out, "--device", "cpu", "--max-new-tokens", "2",
+        "--keep-ratio", "0.5", "--prefill-batch-size", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "model: testbed; trimming: trimmed keep=0.5" in err
+    assert [r["id"] for r in read(out)] == [f"r{i}" for i in range(5)] and "answered 5 of 5" in stdout
