@@ -147,7 +147,7 @@ def test_bad_rows_name_the_row_and_exit_2_or_are_skipped(capsys, checkpoint_dir,
     assert [r["id"] for r in read(out)] == ["r0", "r1"]
 
     write(requests, bad_rows)
-    code, stdout, err = run_batch(capsys, checkpoint_dir, requests, out, "--skip-bad", "--batch-size", "2")
+    code, stdout, err = run_batch(capsys, checkpoint_dir, requests, out, "--skip-bad", "--memory-budget", "1")
     assert code == 0, err
     assert sorted(r["id"] for r in read(out)) == [f"r{i}" for i in range(5)]
     assert "answered 5 of 10 requests" in stdout
