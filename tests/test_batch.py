@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import transformers
 from support import image, run_cli
 
 import crosstrim
@@ -70,9 +71,10 @@ def test_answers_equal_model_generate_and_report_what_was_kept(capsys, checkpoin
     layers = model.config.text_config.cross_attention_layers
     for row, item in zip(rows, items):
         alone = encode(processor, [item], "cpu")
-        full = model(**alone, use_cache=True).past_key_values
-        with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)):
-            kept = model(**alone, use_cache=True).past_key_values
+        with torch.no_grad():
+            full = model(**alone, use_cache=True).past_key_values
+            with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)):
+                kept = model(**alone, use_cache=True).past_key_values
         measured = [memory.held_kv_bytes(cache, layers).cross_attn for cache in (full, kept)]
         assert [row["kv_bytes_full"], row["kv_bytes_kept"]] == measured
     assert all(r["kept"] < r["valid"] for r in rows)
@@ -146,7 +148,7 @@ def test_bad_rows_name_the_row_and_exit_2_or_are_skipped(capsys, checkpoint_dir,
     assert [r["id"] for r in read(out)] == ["r0", "r1"]
 
     write(requests, bad_rows)
-    code, stdout, err = run_batch(capsys, checkpoint_dir, requests, out, "--skip-bad", "--batch-size", "2")
+    code, stdout, err = run_batch(capsys, checkpoint_dir, requests, out, "--skip-bad", "--memory-budget", "1")
     assert code == 0, err
     assert sorted(r["id"] for r in read(out)) == [f"r{i}" for i in range(5)]
     assert "answered 5 of 10 requests" in stdout
@@ -215,3 +217,18 @@ def test_memory_budget_picks_the_batch_the_memory_model_allows(capsys, checkpoin
     assert code == 2 and "--memory-budget must be a positive number" in err
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--prefill-batch-size", "0")
     assert code == 2 and "--prefill-batch-size must be at least 1" in err
+
+
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="the shipped testbed checkpoint's tokenizer files are in the transformers 5 format",
+)
+def test_without_model_it_answers_with_the_shipped_testbed(capsys, requests, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    code, stdout, err = run_cli(
+        capsys, "batch", "--requests", requests, "--out", out, "--device", "cpu", "--max-new-tokens", "2",
+        "--keep-ratio", "0.5", "--prefill-batch-size", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "model: testbed; trimming: trimmed keep=0.5" in err
+    assert [r["id"] for r in read(out)] == [f"r{i}" for i in range(5)] and "answered 5 of 5" in stdout

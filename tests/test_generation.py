@@ -167,6 +167,7 @@ def test_bad_arguments_raise_clear_errors(model, processor, two_images):
     call(TypeError, "MllamaForConditionalGeneration", target=torch.nn.Linear(2, 2))
     call(TypeError, "MllamaForConditionalGeneration", target=text_model(model))
     call(ValueError, "drop cache", cache=object())
+    call(ValueError, "drop past_key_values", past_key_values=object())
     call(ValueError, "cache_implementation='static'", cache_implementation="static")
     call(ValueError, "use_cache=False", use_cache=False)
     call(ValueError, "assisted decoding", prompt_lookup_num_tokens=2)
@@ -198,3 +199,16 @@ def test_one_new_token_and_beams_from_a_generation_config(model, two_images):
     assert torch.equal(got, expected)
     assert len(stats.kept_counts) == 2 * len(TWO_IMAGES)
     assert_same_stats(stats, expected_stats)
+
+
+def test_an_image_less_sample_in_a_micro_batch_of_its_own(model, processor):
+    """A sample without an image (zero tile mask and aspect ratio, as transformers 5's processor builds
+    it) keeps every token: its micro-batch's trimmed layers are as wide as the image, the other's narrower."""
+    batch = inputs(processor, ONE_IMAGE, seed=5)
+    for key in ("cross_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask"):
+        batch[key][2] = 0
+    config = crosstrim.TrimConfig(k_ratio=0.1)
+    expected, expected_stats, got, stats = run_both(model, batch, config, **GREEDY, **DETAILED)
+    assert_same_output(got, expected)
+    assert_same_stats(stats, expected_stats)
+    assert stats.valid_counts[2] == 0 and stats.kept_counts[2] == stats.image_tokens > max(stats.kept_counts[:2])

@@ -72,8 +72,7 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     Raises:
         ValueError: for arguments the merged cache cannot serve: a cache passed in, a static
             cache, ``use_cache=False``, assisted decoding, ``inputs_embeds``,
-            ``output_attentions`` / ``output_hidden_states`` (the first step sees only the last
-            prompt token).
+            ``output_attentions`` / ``output_hidden_states`` (the prefill keeps none).
     """
     text = _text_model(model)
     if isinstance(prefill_batch_size, bool) or not isinstance(prefill_batch_size, int):
@@ -229,7 +228,7 @@ def _check_supported(model: nn.Module, kwargs: dict) -> None:
     if kwargs.get("inputs_embeds") is not None:
         raise ValueError("crosstrim.generate prefills from input_ids; inputs_embeds is not supported")
     if kwargs.get("assistant_model") is not None or _setting(model, kwargs, "prompt_lookup_num_tokens") is not None:
-        raise ValueError("crosstrim.generate does not support assisted decoding: it crops the cross-attention cache")
+        raise ValueError("crosstrim.generate does not support assisted decoding (it crops every cache layer)")
     if _setting(model, kwargs, "custom_generate") is not None:
         raise ValueError("crosstrim.generate runs transformers' built-in decoding; custom_generate is not supported")
     implementation = _setting(model, kwargs, "cache_implementation")
@@ -243,8 +242,8 @@ def _check_supported(model: nn.Module, kwargs: dict) -> None:
     for name in ("output_attentions", "output_hidden_states"):
         if _setting(model, kwargs, name):
             raise ValueError(
-                f"crosstrim.generate does not support {name}: the first generate step recomputes only the last "
-                "prompt token, so the prompt's attentions / hidden states would be missing"
+                f"crosstrim.generate does not support {name}: generate's first step is answered from the "
+                "micro-batched prefill, which keeps no attentions / hidden states of the prompt"
             )
 
 

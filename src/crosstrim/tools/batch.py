@@ -296,8 +296,13 @@ def budget_batch_size(model, processor, requests: list[Request], config: TrimCon
     mm = memory.MemoryModel.from_config(model.config)
     dtype = model.dtype
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    texts = [checkpoint.format_prompt(processor, r.prompt, len(r.images)) for r in requests]
-    text_tokens = max(len(ids) for ids in processor.tokenizer(texts)["input_ids"]) + args.max_new_tokens
+    texts = []
+    for request in requests:
+        try:
+            texts.append(checkpoint.format_prompt(processor, request.prompt, len(request.images)))
+        except UserError:
+            continue  # reported, or skipped with --skip-bad, when its batch runs
+    text_tokens = max((len(ids) for ids in processor.tokenizer(texts)["input_ids"]), default=0) + args.max_new_tokens
     images = max(len(r.images) for r in requests)
     ratio = 1.0 if config.is_identity or config.keep_ratio is None else config.keep_ratio
     kv = mm.kv_bytes(
