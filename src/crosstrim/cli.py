@@ -9,7 +9,7 @@ import sys
 from crosstrim.tools import UserError
 
 # Each module defines ``register(subparsers)``, which adds its subcommand and sets ``run``.
-TOOLS = ("generate", "kv", "bench", "testbed", "eval", "viz", "demo")
+TOOLS = ("generate", "kv", "bench", "testbed", "eval", "calibrate", "viz", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

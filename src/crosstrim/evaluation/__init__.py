@@ -1,0 +1,1 @@
+"""Evaluation library: measuring what trimming changes (accuracy, agreement with the full model)."""
