@@ -64,6 +64,8 @@ def cell(rows: list[bool]) -> str:
 def paired(a: list[bool], b: list[bool]) -> str:
     d = [int(x) - int(y) for x, y in zip(a, b)]
     n = len(d)
+    if not any(d):
+        return f"same on all {n} items"
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * sd / math.sqrt(n)

@@ -14,6 +14,9 @@ same image (``q0 a0 <|end_of_text|> <|image|> q1``):
 * ``none`` -- the trimmed layers' attention output is zeroed for pre-image rows (what Meta's reference
   computes for them in every layer).
 
+``no prefix`` rows answer the same questions without the prefix (the ordinary prompt), for a paired
+comparison of what the prefix itself costs.
+
 Accuracy and agreement with the untrimmed model, per tile count, with Wilson 95% intervals::
 
     OMP_NUM_THREADS=1 python benchmarks/pre_image_rows.py --count 600
@@ -127,6 +130,8 @@ def run(model, processor, items, batch_size) -> dict[str, list[str]]:
         with zero_pre_image_rows(model):
             answers["full, none (later layers)"] += generate(model, processor, inputs)
         for name, config in selections.items():
+            with crosstrim.trimmed(model, config):
+                answers[f"{name}, no prefix"] += generate(model, processor, plain)
             with crosstrim.trimmed(model, config) as handle:
                 answers[f"{name}, kept"] += generate(model, processor, inputs)
                 kept = handle.stats.kept_indices
