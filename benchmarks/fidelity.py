@@ -140,7 +140,10 @@ def coverage(runs: dict[str, dict], items: dict, batch_size: int = 32) -> None:
     model, processor = checkpoint.load(CHECKPOINT, "cpu")
     ordered = [items[p["id"]] for p in runs["full"]["predictions"]]
     per_tile = data.TILE_CELLS**2 + 1
-    for label, config in [("trimmed k=0.25", TrimConfig(k_ratio=0.25)), ("trimmed keep=0.25", TrimConfig(keep_ratio=0.25))]:
+    for label, config in [
+        ("trimmed k=0.25", TrimConfig(k_ratio=0.25)),
+        ("trimmed keep=0.25", TrimConfig(keep_ratio=0.25)),
+    ]:
         kept_all, share, cls_kept, dropped_n = {}, defaultdict(list), defaultdict(list), defaultdict(list)
         with crosstrim.trimmed(model, config) as handle:
             for start in range(0, len(ordered), batch_size):
@@ -156,7 +159,10 @@ def coverage(runs: dict[str, dict], items: dict, batch_size: int = 32) -> None:
                     cls_kept[t].append(sum(i * per_tile in kept for i in range(t)) / t)
                     dropped_n[t].append(stats.valid_counts[b] - stats.kept_counts[b])
         print(f"\n{label}: per tile count\n")
-        print("| tiles | kept share | dropped tokens | CLS kept | every object kept | +summary acc, objects all kept | +summary acc, an object dropped |")
+        print(
+            "| tiles | kept share | dropped tokens | CLS kept | every object kept "
+            "| +summary acc, objects all kept | +summary acc, an object dropped |"
+        )
         print("|---|---|---|---|---|---|---|")
         summary = {p["id"]: p["correct"] for p in runs.get(f"{label} +summary", {"predictions": []})["predictions"]}
         for t in sorted(share):

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
+import math
 from collections import defaultdict
 from dataclasses import replace
 
@@ -155,16 +157,48 @@ def cell(flags: list[bool]) -> str:
     return f"{k / n:.1%} [{low:.0%}, {high:.0%}]"
 
 
+def paired(a: list[bool], b: list[bool]) -> str:
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    n = len(d)
+    if not any(d):
+        return f"same on all {n}"
+    mean = sum(d) / n
+    half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    return f"{mean:+.1%} [{mean - half:+.1%}, {mean + half:+.1%}] n={n}"
+
+
+def prefix_cost(items, answers) -> None:
+    """Paired accuracy difference, prefix minus no prefix, per question template."""
+    templates = sorted({i.extra["template"] for i in items})
+    print("\nWhat the prefix costs (paired, same questions; 95% interval of the mean difference):\n")
+    print("| selection | all | " + " | ".join(templates) + " |")
+    print("|---|---|" + "---|" * len(templates))
+    for name in [n.removesuffix(", no prefix") for n in answers if n.endswith(", no prefix")]:
+        prefixed = answers[name if name == "full" else f"{name}, kept"]
+        with_prefix_ = [sources.exact_match(i, t) for i, t in zip(items, prefixed)]
+        without = [sources.exact_match(i, t) for i, t in zip(items, answers[f"{name}, no prefix"])]
+        cells = [paired(with_prefix_, without)]
+        for template in templates:
+            pick = [i.extra["template"] == template for i in items]
+            cells.append(paired([c for c, p in zip(with_prefix_, pick) if p], [c for c, p in zip(without, pick) if p]))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", help="write every answer as JSON here")
+    parser.add_argument("--answers", help="re-analyse answers an earlier --out wrote (.json or .json.gz)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, processor = checkpoint.load(CHECKPOINT, "cpu")
     items = [with_prefix(data.make_item(SEED, i)) for i in range(args.count)]
-    answers = run(model, processor, items, args.batch_size)
+    if args.answers:
+        with (gzip.open if args.answers.endswith(".gz") else open)(args.answers, "rt") as handle:
+            answers = json.load(handle)["answers"]
+    else:
+        model, processor = checkpoint.load(CHECKPOINT, "cpu")
+        answers = run(model, processor, items, args.batch_size)
     tiles = [i.extra["layout"][0] * i.extra["layout"][1] for i in items]
     groups = sorted(set(tiles))
     print(f"{args.count} testbed items (split seed {SEED}), each preceded by another question and its answer\n")
@@ -177,6 +211,7 @@ def main() -> None:
         cells = [cell(correct)] + [cell([c for c, n in zip(correct, tiles) if n == t]) for t in groups]
         cells += [cell(agree), cell([a for a, n in zip(agree, tiles) if n == 1])]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    prefix_cost(items, answers)
     if args.out:
         record = {"items": [i.id for i in items], "prompts": [i.prompt for i in items], "answers": answers}
         with open(args.out, "w") as handle:
