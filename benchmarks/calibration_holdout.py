@@ -44,7 +44,8 @@ def main() -> None:
     full = [p["correct"] for p in runs["full"]["predictions"]]
     print(f"validation: {load(args.validation)['setup']['data']}, full model {sum(full) / len(full):.1%}\n")
     print(
-        "| calibration set | target | recommended | kept | agreement [95% CI] | validation accuracy | - full (points) | within target |"
+        "| calibration set | target | recommended | kept | agreement [95% CI] | validation accuracy "
+        "| - full (points) | within target |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for path in args.calibrations:
@@ -59,11 +60,12 @@ def main() -> None:
             d = [int(a) - int(b) for a, b in zip(mine, full)]
             mean = sum(d) / len(d)
             half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
-            within = -mean <= 1 - target
+            within = "yes" if -mean <= 1 - target else "NO"
+            drop = f"{mean * 100:+.1f} [{(mean - half) * 100:+.1f}, {(mean + half) * 100:+.1f}]" if any(d) else "same"
             print(
                 f"| {name} | {target:.2f} | {pick.label} | {pick.kept_fraction:.1%} | {pick.agreement:.1%} "
                 f"[{pick.agreement_low:.1%}, {pick.agreement_high:.1%}] | {sum(mine) / len(mine):.1%} "
-                f"| {mean * 100:+.1f} [{(mean - half) * 100:+.1f}, {(mean + half) * 100:+.1f}] | {'yes' if within else 'NO'} |"
+                f"| {drop} | {within} |"
             )
 
 
