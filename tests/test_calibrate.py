@@ -220,3 +220,20 @@ def test_calibrate_under_torchrun_gives_the_results_of_one_process(tmp_path):
     assert len(results[1]["requests"]) == 8
     for key in ("settings", "requests", "recommended"):
         assert results[1][key] == results[2][key]
+
+
+def test_testbed_data_seed_draws_fresh_questions_and_refuses_training_seeds(tmp_path, capsys):
+    from crosstrim.testbed import data, train
+
+    code, out, err = run_cli(capsys, "testbed", "data", "--out", tmp_path / "a", "--count", "3", "--seed", "1001")
+    assert code == 0, err
+    assert "split seed 1001" in out
+    lines = [json.loads(line) for line in (tmp_path / "a" / "heldout.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == [f"testbed-1001-{i}" for i in range(3)]
+    assert [r["prompt"] for r in lines] == [data.make_item(1001, i).prompt for i in range(3)]
+    assert calibration.load_requests(tmp_path / "a" / "heldout.jsonl")[0].id == "testbed-1001-0"
+    run_cli(capsys, "testbed", "data", "--out", tmp_path / "b", "--count", "1")  # default: the held-out split
+    assert json.loads((tmp_path / "b" / "heldout.jsonl").read_text())["id"] == f"testbed-{data.HELDOUT_SEED}-0"
+    for seed in (data.TRAIN_SEED, train.VALID_SEED):
+        code, _, err = run_cli(capsys, "testbed", "data", "--out", tmp_path / "c", "--seed", seed)
+        assert code == 2 and "training or validation split's seed" in err
