@@ -171,6 +171,7 @@ def test_calibrate_cli_on_a_checkpoint_and_a_folder_of_images(tmp_path, capsys, 
         (["--prompt", "x"], "--prompt asks one question of a --data folder"),
         (["--data", "{bad}"], "bad.jsonl line 1: expected an object with 'images'"),
         (["--data", "{empty}", "--prompt", "x"], "holds no images"),
+        (["--data", "{missing}"], "missing.jsonl line 1: image"),
         (["--target", "1.5"], "--target is an agreement in (0, 1]"),
         (["--methods", "best"], "unknown method 'best'"),
         (["--k-ratios", "", "--keep-ratios", ""], "nothing to calibrate"),
@@ -183,11 +184,13 @@ def test_calibrate_cli_errors_name_the_problem(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "ok.jsonl").write_text(json.dumps({"images": ["folder/x.png"], "prompt": "q"}) + "\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"images": ["folder/x.png"]}) + "\n")
+    (tmp_path / "missing.jsonl").write_text(json.dumps({"images": ["nowhere.png"], "prompt": "q"}) + "\n")
     paths = {
         "folder": folder,
         "jsonl": tmp_path / "ok.jsonl",
         "bad": tmp_path / "bad.jsonl",
         "empty": tmp_path / "empty",
+        "missing": tmp_path / "missing.jsonl",
     }
     argv = [a.format(**paths) for a in argv]
     code, _, err = run_cli(capsys, "calibrate", "--device", "cpu", "--out", tmp_path / "out", *argv)

@@ -318,7 +318,10 @@ def _jsonl_requests(path: Path) -> list[Item]:
             images = record["images"]
             if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
                 raise UserError(f"{where}: 'images' must be a non-empty list of image paths")
-            pictures = tuple(checkpoint.load_image(path.parent / p) for p in images)
+            try:
+                pictures = tuple(checkpoint.load_image(path.parent / p) for p in images)
+            except UserError as err:
+                raise UserError(f"{where}: {err}") from err
             item_id = str(record.get("id", number))
             items.append(Item(item_id, pictures, str(record["prompt"]), "", str(record.get("category", "all"))))
     return items
