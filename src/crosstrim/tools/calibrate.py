@@ -83,10 +83,14 @@ def plot(cal: calibration.Calibration, path: Path, title: str) -> None:
         errors = [[r.agreement - r.agreement_low for r in rows], [r.agreement_high - r.agreement for r in rows]]
         left.errorbar(kept, [r.agreement for r in rows], yerr=errors, capsize=2, **style)
         right.plot(kept, [r.total_variation for r in rows], **style)
-    left.axhline(cal.target, color="black", linestyle=":", linewidth=1, label=f"target {cal.target:.0%}")
+    marks = [left.axhline(cal.target, color="black", linestyle=":", linewidth=1, label=f"target {cal.target:.0%}")]
     if cal.recommended is not None:
         r = cal.recommended
-        left.plot([r.kept_fraction], [r.agreement], marker="*", markersize=16, color="gold", markeredgecolor="black")
+        marks += left.plot(
+            [r.kept_fraction], [r.agreement], marker="*", markersize=16, color="gold", markeredgecolor="black",
+            linestyle="none", label=f"recommended: {r.label}",
+        )  # fmt: skip
+    left.legend(handles=marks, fontsize=7, loc="lower right")
     left.set_ylabel("agreement with the full model (95% CI)")
     right.set_ylabel("first answer token: mean total variation")
     for ax in (left, right):
