@@ -24,10 +24,10 @@ from collections import defaultdict
 import torch
 
 from crosstrim.config import TrimConfig
+from crosstrim.evaluation import checkpoint
 from crosstrim.evaluation.calibration import wilson_interval
+from crosstrim.evaluation.inference import encode
 from crosstrim.testbed import CHECKPOINT, data
-from crosstrim.tools import checkpoint
-from crosstrim.tools.inference import encode
 
 RUNS = [
     "full",

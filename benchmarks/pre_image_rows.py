@@ -37,10 +37,10 @@ import torch
 
 import crosstrim
 from crosstrim.config import TrimConfig
+from crosstrim.evaluation import checkpoint, sources
 from crosstrim.evaluation.calibration import wilson_interval
+from crosstrim.evaluation.inference import batches, encode
 from crosstrim.testbed import CHECKPOINT, data
-from crosstrim.tools import checkpoint, sources
-from crosstrim.tools.inference import batches, encode
 
 SEED = 3003  # a split of its own: not training, validation, held-out or the calibration experiment's
 

@@ -36,9 +36,9 @@ import torch
 
 import crosstrim
 from crosstrim.config import TrimConfig
-from crosstrim.tools import UserError, checkpoint, distributed, sources
-from crosstrim.tools.dataset import Item
-from crosstrim.tools.inference import batches, encode
+from crosstrim.evaluation import UserError, checkpoint, distributed, sources
+from crosstrim.evaluation.dataset import Item
+from crosstrim.evaluation.inference import batches, encode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -215,21 +215,34 @@ def recommend(results: Sequence[SettingResult]) -> SettingResult | None:
     return min(passing, key=lambda r: (r.kept_fraction, r.kv_bytes_kept, -r.agreement), default=None)
 
 
+# The TrimConfig field each sweep flag sets, so a bad value is an error naming the flag (``crosstrim eval``'s).
+SWEEP_FLAGS = {"method": "--methods", "k_ratio": "--k-ratios", "keep_ratio": "--keep-ratios", "seed": "--seed"}
+
+
 def plan(
-    k_ratios: Sequence[float],
-    keep_ratios: Sequence[float],
+    k_ratios: Sequence[float | str],
+    keep_ratios: Sequence[float | str],
     methods: Sequence[str],
     summarize: bool = False,
-    seed: int = 0,
+    seed: int | str = 0,
 ) -> list[Setting]:
     """Candidates: ``trimmed`` at every k_ratio (adaptive kept count), every method at every exact
     keep_ratio; with ``summarize`` each also with ``TrimConfig.summarize_dropped`` (``+summary``).
-    ``seed`` seeds the ``random`` method."""
-    settings = [Setting(f"trimmed k={k:g}", "trimmed (k_ratio)", TrimConfig(k_ratio=k, seed=seed)) for k in k_ratios]
+    ``seed`` seeds the ``random`` method. Values may be the flags' strings: they are parsed by
+    :meth:`TrimConfig.from_options`, whose errors name the flags (``ValueError``)."""
+
+    def config(**options) -> TrimConfig:
+        return TrimConfig.from_options({**options, "seed": seed}, names=SWEEP_FLAGS)
+
+    settings = []
+    for k in k_ratios:
+        trimmed = config(k_ratio=k)
+        settings.append(Setting(f"trimmed k={trimmed.k_ratio:g}", "trimmed (k_ratio)", trimmed))
     for keep in keep_ratios:
         for name in methods:
+            chosen = config(method=name, keep_ratio=keep)
             settings.append(
-                Setting(f"{name} keep={keep:g}", f"{name} (keep_ratio)", TrimConfig(name, keep_ratio=keep, seed=seed))
+                Setting(f"{chosen.method} keep={chosen.keep_ratio:g}", f"{chosen.method} (keep_ratio)", chosen)
             )
     if summarize:
         settings = [
@@ -280,7 +293,7 @@ def calibrate(
     """Answer ``items`` with the full model and every setting and recommend one for ``target`` agreement.
 
     Under ``torch.distributed`` every process passes the same items and settings and answers its
-    shard (whole batches, as :mod:`crosstrim.tools.distributed` shards them, so the batches, and every
+    shard (whole batches, as :mod:`crosstrim.evaluation.distributed` shards them, so the batches, and every
     answer, are those of one process); rank 0 gets the result, the others ``None``.
     """
     if not 0 < target <= 1:

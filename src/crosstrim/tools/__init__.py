@@ -1,5 +1,4 @@
-"""Command-line tools built on the library: each module registers one ``crosstrim`` subcommand."""
+"""The ``crosstrim`` subcommands: each module registers one (see :data:`crosstrim.cli.TOOLS`).
 
-
-class UserError(Exception):
-    """A problem with what the user asked for; the CLI prints it as one line and exits non-zero."""
+The code they share is a library of its own, :mod:`crosstrim.evaluation`.
+"""

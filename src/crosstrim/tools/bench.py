@@ -32,7 +32,7 @@ import torch
 import crosstrim
 from crosstrim import memory
 from crosstrim.config import TrimConfig
-from crosstrim.tools import UserError, checkpoint
+from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.tools.kv import fractions, ints, table
 
 GB, MB = 1e9, 1e6

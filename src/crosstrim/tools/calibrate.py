@@ -13,12 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-import crosstrim
-from crosstrim.evaluation import calibration
+from crosstrim.evaluation import UserError, calibration, distributed, options
+from crosstrim.evaluation.options import progress_bar
 from crosstrim.testbed import data as testbed_data
-from crosstrim.tools import UserError, distributed, options
-from crosstrim.tools.eval import _ratios, versions
-from crosstrim.tools.testbed import load_model, progress_bar
+from crosstrim.testbed import load_model
+from crosstrim.tools.eval import versions
 
 
 def to_json(record: dict) -> str:
@@ -105,6 +104,11 @@ def plot(cal: calibration.Calibration, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _listed(text: str) -> list[str]:
+    """The values of a comma-separated sweep flag (empty ones dropped: ``--k-ratios ""`` sweeps none)."""
+    return [value.strip() for value in text.split(",") if value.strip()]
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "calibrate", help="choose a trimming ratio from unlabelled requests (agreement with the full model)"
@@ -131,7 +135,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answers are compared over this many tokens")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    parser.add_argument("--seed", default=0, help="seed of the random baseline")
     parser.set_defaults(run=run)
 
 
@@ -140,19 +144,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
     if not 0 < args.target <= 1:
         raise UserError(f"--target is an agreement in (0, 1], e.g. 0.95; got {args.target}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in crosstrim.config.METHODS]
-    if unknown:
-        raise UserError(
-            f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(crosstrim.config.METHODS)}"
+    try:
+        settings = calibration.plan(
+            _listed(args.k_ratios), _listed(args.keep_ratios), _listed(args.methods), args.summarize_dropped, args.seed
         )
-    settings = calibration.plan(
-        _ratios(args.k_ratios, "--k-ratios"),
-        _ratios(args.keep_ratios, "--keep-ratios"),
-        methods,
-        args.summarize_dropped,
-        args.seed,
-    )
+    except ValueError as err:
+        raise UserError(str(err)) from err
     if not settings:
         raise UserError("nothing to calibrate: give --k-ratios and/or --keep-ratios")
     if args.data:
@@ -166,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group(args.device) as rank:
         if rank.world_size > 1:
             args.device = str(rank.device)
-        model, processor, model_name = load_model(args)
+        model, processor, model_name = load_model(args.model, args.device, args.dtype)
         with progress_bar() as bar:
             task = bar.add_task("calibrate", total=len(items) * (len(settings) + 1), note="", visible=rank.is_main)
             cal = calibration.calibrate(

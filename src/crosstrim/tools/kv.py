@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from crosstrim import memory
-from crosstrim.tools import UserError
+from crosstrim.evaluation import UserError
 
 GB = 1e9
 
