@@ -9,7 +9,7 @@ import sys
 from crosstrim.evaluation import UserError
 
 # Each module defines ``register(subparsers)``, which adds its subcommand and sets ``run``.
-TOOLS = ("generate", "batch", "kv", "bench", "testbed_cmd", "eval", "viz", "demo")
+TOOLS = ("generate", "batch", "kv", "bench", "testbed_cmd", "eval", "calibrate", "viz", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

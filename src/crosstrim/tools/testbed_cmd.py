@@ -28,6 +28,12 @@ def register(subparsers) -> None:
     export = commands.add_parser("data", help="write held-out questions as a .jsonl file + PNG images")
     export.add_argument("--out", required=True, metavar="DIR")
     export.add_argument("--count", type=int, default=300)
+    export.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="draw items from this split seed instead of the held-out split's (fresh unseen items, e.g. for calibrate)",
+    )
     export.set_defaults(run=run_data)
 
 
@@ -64,7 +70,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from crosstrim.testbed import data
+    from crosstrim.testbed import data, train
 
     if args.count < 1:
         raise UserError("--count must be at least 1")
@@ -72,10 +78,13 @@ def run_data(args: argparse.Namespace) -> int:
     (out / "images").mkdir(parents=True, exist_ok=True)
     path = out / "heldout.jsonl"
     with path.open("w") as handle:
-        for item in data.heldout(args.count):
+        seed = data.HELDOUT_SEED if args.seed is None else args.seed
+        if seed in (data.TRAIN_SEED, train.VALID_SEED):
+            raise UserError(f"--seed {seed} is a training or validation split's seed; choose another")
+        for item in (data.make_item(seed, i) for i in range(args.count)):
             image = f"images/{item.id}.png"
             item.images[0].save(out / image)
             record = {"id": item.id, "images": [image], "prompt": item.prompt, "answer": item.answer}
             handle.write(json.dumps({**record, "category": item.category, "extra": item.extra}) + "\n")
-    print(f"wrote {args.count} held-out questions to {path}")
+    print(f"wrote {args.count} held-out questions (split seed {seed}) to {path}")
     return 0
