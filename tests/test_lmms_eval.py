@@ -296,6 +296,24 @@ def test_model_args_errors_and_registration(setup):
         lmms_tasks.write_task([item_without_benchmark("a b"), item_without_benchmark("a-b")], root / "bad", "bad")
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(False, False), ("False", False), ("false", False), ("0", False), ("no", False), (True, True), ("True", True)],
+)
+def test_model_args_booleans_parse_strictly(given, expected):
+    # bool("False") is True: a Python caller passing the string used to get the option it turned off.
+    assert adapter.trim_config("trimmed", summarize_dropped=given).summarize_dropped is expected
+    assert adapter.trim_config("trimmed", trim_first_layer_cache=given).trim_first_layer_cache is expected
+
+
+def test_model_args_go_through_the_shared_option_parser():
+    with pytest.raises(ValueError, match=r"summarize_dropped must be true or false .*got 'maybe'"):
+        adapter.trim_config("trimmed", summarize_dropped="maybe")
+    with pytest.raises(ValueError, match=r"seed must be a whole number, got '1\.5'"):
+        adapter.trim_config("random", keep_ratio="0.5", seed="1.5")
+    assert adapter.trim_config("mean", keep_ratio="0.5", seed="7") == TrimConfig(method="mean", keep_ratio=0.5, seed=7)
+
+
 def item_without_benchmark(category: str):
     from crosstrim.evaluation.dataset import Item
 

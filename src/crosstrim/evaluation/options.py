@@ -16,12 +16,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
 
 
 def add_trim_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trimming flags; their values stay strings for :meth:`TrimConfig.from_options`, the one option parser
+    (so ``--k-ratio abc`` is an error naming ``--k-ratio``, as every other bad value is)."""
     group = parser.add_argument_group("trimming")
     group.add_argument("--method", default="trimmed", choices=METHODS, help="selection rule (default: trimmed)")
     budget = group.add_mutually_exclusive_group()
-    budget.add_argument("--k-ratio", type=float, help="per-head top-k ratio, adaptive kept count (default 0.25)")
-    budget.add_argument("--keep-ratio", type=float, help="exact kept fraction per image")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    budget.add_argument("--k-ratio", help="per-head top-k ratio, adaptive kept count (default 0.25)")
+    budget.add_argument("--keep-ratio", help="exact kept fraction per image")
+    group.add_argument("--seed", default=0, help="seed of the random baseline")
     group.add_argument(
         "--trim-first-layer-cache", action="store_true", help="also shrink the first cross layer's KV cache"
     )
@@ -32,18 +34,18 @@ def add_trim_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The TrimConfig field each trimming flag sets, spelled as the user types it.
+TRIM_FLAGS = {
+    name: "--" + name.replace("_", "-")
+    for name in ("method", "k_ratio", "keep_ratio", "seed", "trim_first_layer_cache", "summarize_dropped")
+}
+
+
 def trim_config(args: argparse.Namespace) -> TrimConfig:
-    """Build the ``TrimConfig`` the options describe; invalid values become one-line user errors."""
+    """Build the ``TrimConfig`` the trimming flags describe; a bad value is a one-line error naming its flag."""
     try:
-        return TrimConfig(
-            method=args.method,
-            k_ratio=args.k_ratio,
-            keep_ratio=args.keep_ratio,
-            seed=args.seed,
-            trim_first_layer_cache=args.trim_first_layer_cache,
-            summarize_dropped=args.summarize_dropped,
-        )
-    except (TypeError, ValueError) as err:
+        return TrimConfig.from_options({name: getattr(args, name) for name in TRIM_FLAGS}, names=TRIM_FLAGS)
+    except ValueError as err:
         raise UserError(str(err)) from err
 
 

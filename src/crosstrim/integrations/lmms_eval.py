@@ -85,27 +85,32 @@ class TrimCounts(TokenCounts):
 
 def trim_config(
     method: str = "trimmed",
-    k_ratio: float | None = None,
-    keep_ratio: float | None = None,
-    seed: int = 0,
-    trim_first_layer_cache: bool = False,
-    summarize_dropped: bool = False,
+    k_ratio: float | str | None = None,
+    keep_ratio: float | str | None = None,
+    seed: int | str = 0,
+    trim_first_layer_cache: bool | str = False,
+    summarize_dropped: bool | str = False,
 ) -> TrimConfig | None:
-    """The :class:`TrimConfig` model arguments describe (``None`` for ``method=full``)."""
+    """The :class:`TrimConfig` model arguments describe (``None`` for ``method=full``).
+
+    Values are strings (``"False"``, ``"0.25"``) or typed, as lmms-eval or a Python caller passes them;
+    :meth:`TrimConfig.from_options` parses them strictly (``"False"`` is False, ``"maybe"`` an error).
+    """
     if method in UNTRIMMED:
         if k_ratio is not None or keep_ratio is not None:
             raise ValueError(f"method={method} runs the untrimmed model; drop k_ratio/keep_ratio")
         return None
-    if method not in METHODS:
+    if method not in METHODS:  # this adapter's method also takes "full", which TrimConfig does not
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*METHODS, 'full'))}")
-    return TrimConfig(
-        method=method,
-        k_ratio=None if k_ratio is None else float(k_ratio),
-        keep_ratio=None if keep_ratio is None else float(keep_ratio),
-        seed=int(seed),
-        trim_first_layer_cache=bool(trim_first_layer_cache),
-        summarize_dropped=bool(summarize_dropped),
-    )
+    options = {
+        "method": method,
+        "k_ratio": k_ratio,
+        "keep_ratio": keep_ratio,
+        "seed": seed,
+        "trim_first_layer_cache": trim_first_layer_cache,
+        "summarize_dropped": summarize_dropped,
+    }
+    return TrimConfig.from_options(options)
 
 
 def _flatten(visuals: Any) -> Iterable[Any]:
@@ -147,11 +152,11 @@ class LlamaVisionTrimmed(lmms):
         self,
         pretrained: str,
         method: str = "trimmed",
-        k_ratio: float | None = None,
-        keep_ratio: float | None = None,
-        seed: int = 0,
-        trim_first_layer_cache: bool = False,
-        summarize_dropped: bool = False,
+        k_ratio: float | str | None = None,
+        keep_ratio: float | str | None = None,
+        seed: int | str = 0,
+        trim_first_layer_cache: bool | str = False,
+        summarize_dropped: bool | str = False,
         batch_size: int | str = 1,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         device: str = "auto",
