@@ -140,7 +140,8 @@ def predict_sharded(
     report = progress
     steps_left = 0
     if progress is not None and world_size > 1 and dist.is_initialized():
-        steps_left = -(-(-(-len(items) // world_size)) // batch_size)  # batches of the largest shard
+        largest = -(-len(items) // world_size)
+        steps_left = -(-largest // batch_size)  # the batches of the largest shard
 
         def report(count: int) -> None:
             nonlocal steps_left
