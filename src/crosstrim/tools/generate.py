@@ -42,11 +42,12 @@ def run(args: argparse.Namespace) -> int:
     images = [checkpoint.load_image(path) for path in args.image]
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    model, processor, _ = load_model(args.model, args.device, args.dtype)
+    model, processor, name = load_model(args.model, args.device, args.dtype)
     text = checkpoint.format_prompt(processor, args.prompt, len(images))
     inputs = processor(images=[images], text=[text], return_tensors="pt").to(model.device)
     with crosstrim.trimmed(model, config) as handle:
         trimmed_answer = answer(model, processor, inputs, args.max_new_tokens)
+    print(f"model: {name}")
     print(f"answer ({config.describe()}): {trimmed_answer}")
     print(handle.stats.summary())
     if config.is_identity:
