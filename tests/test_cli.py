@@ -180,6 +180,7 @@ def test_kv_units_scale_and_output_goes_to_a_run_folder(capsys, tmp_path, monkey
 
 
 def test_kv_accepts_the_shared_dtype_spellings(capsys):
-    for spelling in ("auto", "bf16", "bfloat16", "fp32", "float32"):
+    for spelling, shown in [("auto", "bf16, 2"), ("bf16", "bf16, 2"), ("bfloat16", "bfloat16, 2"), ("fp32", "fp32, 4")]:
         code, out, err = run_cli(capsys, "kv", "--no-plot", "--dtype", spelling)
         assert code == 0, err
+        assert f"({shown} B/element)" in out
