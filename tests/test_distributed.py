@@ -49,6 +49,10 @@ from crosstrim.evaluation import checkpoint, distributed, vlmeval_tsv
 
 torch.set_num_threads(1)
 model_dir, data, out = sys.argv[1:4]
+answered = []  # the ids this process really answers (predict_sharded's own shard)
+predict = distributed.predict
+distributed.predict = lambda model, processor, items, *a, **k: (
+    answered.extend(i.id for i in items), predict(model, processor, items, *a, **k))[1]
 items = vlmeval_tsv.load_tsv(data).items
 with distributed.process_group(device="cpu") as me:
     assert torch.distributed.is_initialized() == (me.world_size > 1)
@@ -58,8 +62,7 @@ with distributed.process_group(device="cpu") as me:
         model, processor, items, TrimConfig(k_ratio=0.25), rank=me.rank, world_size=me.world_size,
         batch_size=2, max_new_tokens=3, progress=steps.append,
     )
-    shard = [p.id for p in distributed.shard(items, me.rank, me.world_size)]
-    json.dump({"shard": shard, "progress": steps}, open(f"{out}.shard{me.rank}", "w"))
+    json.dump({"shard": answered, "progress": steps}, open(f"{out}.shard{me.rank}", "w"))
     if me.is_main:
         json.dump([p.__dict__ for p in predictions], open(out, "w"))
     else:
