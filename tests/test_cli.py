@@ -85,3 +85,102 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(capsys, tmp_path, checkpoi
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# -- one consistent CLI (issue 14) -------------------------------------------------------------------
+
+
+def test_version(capsys):
+    import crosstrim
+
+    with pytest.raises(SystemExit) as done:
+        run_cli(capsys, "--version")
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"crosstrim {crosstrim.__version__}"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "viz", "demo"])
+def test_every_model_command_has_threads_dtype_and_a_testbed_default(capsys, command):
+    with pytest.raises(SystemExit):
+        run_cli(capsys, command, "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--threads N" in text and "default: the built-in testbed" in text
+    assert "fp32/float32, bf16/bfloat16, fp16/float16" in text
+
+
+def test_generate_defaults_to_the_testbed_and_sets_threads(capsys, tmp_path):
+    import torch
+
+    from crosstrim.testbed import data
+
+    item = data.heldout(1)[0]
+    item.images[0].save(tmp_path / "scene.png")
+    threads = torch.get_num_threads()
+    try:
+        code, out, err = run_cli(
+            capsys, "generate", "--image", tmp_path / "scene.png", "--prompt", item.prompt, "--max-new-tokens", "1",
+            "--device", "cpu", "--threads", str(threads + 1), "--dtype", "fp32",
+        )  # fmt: skip
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    assert "model: testbed" in out and f"answer (trimmed k=0.25): {item.answer}" in out
+
+
+@pytest.mark.parametrize("spelling", ["fp32", "float32", "FP32", "auto"])
+def test_generate_accepts_every_dtype_spelling(capsys, checkpoint_dir, image_file, spelling):
+    code, _, err = run_cli(
+        capsys, "generate", "--model", checkpoint_dir, "--image", image_file, "--prompt", "what ?",
+        "--max-new-tokens", "1", "--device", "cpu", "--dtype", spelling,
+    )  # fmt: skip
+    assert code == 0, err
+
+
+def test_dtype_spellings_resolve_alike():
+    import torch
+
+    from crosstrim.evaluation import UserError, checkpoint
+
+    cpu = torch.device("cpu")
+    assert {checkpoint.resolve_dtype(n, cpu) for n in ("fp32", "float32", "FP32", "auto")} == {torch.float32}
+    assert {checkpoint.resolve_dtype(n, cpu) for n in ("bf16", "bfloat16")} == {torch.bfloat16}
+    assert checkpoint.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(UserError, match="unknown --dtype 'fp64'"):
+        checkpoint.resolve_dtype("fp64", cpu)
+
+
+def test_ratio_one_keeps_100_percent_and_says_why_it_saves_no_cache(capsys, checkpoint_dir, image_file):
+    """The 2-tile image has 34 valid tokens in 4 x 17 slots: ratio 1.0 keeps 34/34 (not 68/34 = 200%)
+    and caches every slot; 0.999 keeps the same 34 tokens but drops the padding tiles from the cache."""
+    common = ["generate", "--model", checkpoint_dir, "--image", image_file, "--prompt", "what ?", "--device", "cpu"]
+    code, out, err = run_cli(capsys, *common, "--max-new-tokens", "1", "--k-ratio", "1")
+    assert code == 0, err
+    assert "kept 100.0% of image tokens (per sample 34/34)" in out and "ratio 1 is the identity" in out
+    full = out.split("cross-attn KV ")[1].split()
+    assert full[0] == full[3]  # "X MB -> X MB": nothing saved
+    code, out, err = run_cli(capsys, *common, "--max-new-tokens", "1", "--k-ratio", "0.999")
+    assert code == 0, err
+    assert "kept 100.0% of image tokens (per sample 34/34)" in out and "ratio 1 is the identity" not in out
+    kv = out.split("cross-attn KV ")[1].split()
+    assert float(kv[3]) < float(kv[0])
+
+
+def test_kv_units_scale_and_output_goes_to_a_run_folder(capsys, tmp_path, monkeypatch, model):
+    model.config.save_pretrained(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "kv", "--model", tmp_path / "tiny", "--dtype", "float32")
+    assert code == 0, err
+    assert "0.000" not in out and "(0.1 MB)" not in out
+    assert "(a) KV cache vs batch size, MB," in out and "KB)" in out
+    assert (tmp_path / "runs" / "kv" / "kv-tiny-float32.json").is_file()
+    assert not (tmp_path / "benchmarks").exists()
+    code, out, err = run_cli(capsys, "kv", "--no-plot")  # the 11B preset: GB at batch 64
+    assert code == 0, err
+    assert "(a) KV cache vs batch size, GB," in out and "(209.8 MB)" in out
+
+
+def test_kv_accepts_the_shared_dtype_spellings(capsys):
+    for spelling, shown in [("auto", "bf16, 2"), ("bf16", "bf16, 2"), ("bfloat16", "bfloat16, 2"), ("fp32", "fp32, 4")]:
+        code, out, err = run_cli(capsys, "kv", "--no-plot", "--dtype", spelling)
+        assert code == 0, err
+        assert f"({shown} B/element)" in out

@@ -17,15 +17,13 @@ from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import Prediction
 
 
-@pytest.mark.parametrize(("count", "world", "batch"), [(7, 2, 2), (10, 3, 1), (5, 4, 2), (1, 2, 4), (0, 2, 3)])
-def test_shards_are_contiguous_whole_batches_covering_every_item_once(count, world, batch):
+@pytest.mark.parametrize(("count", "world"), [(7, 2), (10, 3), (5, 4), (1, 2), (0, 2), (30, 2), (690, 8)])
+def test_shards_are_contiguous_and_even_covering_every_item_once(count, world):
     items = list(range(count))
-    shards = [distributed.shard(items, rank, world, batch) for rank in range(world)]
+    shards = [distributed.shard(items, rank, world) for rank in range(world)]
     assert [i for part in shards for i in part] == items  # in order, each once
-    for part in shards[:-1]:
-        assert len(part) % batch == 0  # only the last shard may end in a partial batch
     sizes = [len(part) for part in shards]
-    assert max(sizes) - min(sizes) <= batch
+    assert max(sizes) - min(sizes) <= 1  # even items, whatever the batch size: 30 on 2 ranks is 15 + 15
 
 
 def test_shard_and_merge_errors():
@@ -51,16 +49,20 @@ from crosstrim.evaluation import checkpoint, distributed, vlmeval_tsv
 
 torch.set_num_threads(1)
 model_dir, data, out = sys.argv[1:4]
+answered = []  # the ids this process really answers (predict_sharded's own shard)
+predict = distributed.predict
+distributed.predict = lambda model, processor, items, *a, **k: (
+    answered.extend(i.id for i in items), predict(model, processor, items, *a, **k))[1]
 items = vlmeval_tsv.load_tsv(data).items
 with distributed.process_group(device="cpu") as me:
     assert torch.distributed.is_initialized() == (me.world_size > 1)
     model, processor = checkpoint.load(model_dir, str(me.device))
+    steps = []
     predictions = distributed.predict_sharded(
         model, processor, items, TrimConfig(k_ratio=0.25), rank=me.rank, world_size=me.world_size,
-        batch_size=2, max_new_tokens=3,
+        batch_size=2, max_new_tokens=3, progress=steps.append,
     )
-    shard = [p.id for p in distributed.shard(items, me.rank, me.world_size, 2)]
-    json.dump(shard, open(f"{out}.shard{me.rank}", "w"))
+    json.dump({"shard": answered, "progress": steps}, open(f"{out}.shard{me.rank}", "w"))
     if me.is_main:
         json.dump([p.__dict__ for p in predictions], open(out, "w"))
     else:
@@ -68,8 +70,9 @@ with distributed.process_group(device="cpu") as me:
 """
 
 
-def run_workers(tmp_path, processes: int, model_dir, data) -> tuple[list[dict], list[list[str]]]:
-    """``processes`` workers under torchrun: rank 0's merged predictions and each rank's shard ids."""
+def run_workers(tmp_path, processes: int, model_dir, data) -> tuple[list[dict], list[dict]]:
+    """``processes`` workers under torchrun: rank 0's merged predictions and each rank's shard ids and
+    progress reports."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
     out = tmp_path / f"predictions{processes}.json"
@@ -93,8 +96,10 @@ def test_two_cpu_processes_give_the_predictions_of_one(tmp_path):
         for i in range(7)
     ]  # fmt: skip
     data = vlmeval_tsv.write_tsv(tmp_path / "items.tsv", rows)
-    two, two_shards = run_workers(tmp_path, 2, tmp_path / "model", data)
-    assert two_shards == [["0", "1", "2", "3"], ["4", "5", "6"]]  # both processes answered
+    two, ranks = run_workers(tmp_path, 2, tmp_path / "model", data)
+    assert [r["shard"] for r in ranks] == [["0", "1", "2"], ["3", "4", "5", "6"]]  # both processes answered
+    # Progress counts the whole job on every rank: items both finished per batch step, 7 in all.
+    assert ranks[0]["progress"] == ranks[1]["progress"] == [4, 3]
     # One process: this one, with the workers' settings (one thread, same model files and items).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

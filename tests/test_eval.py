@@ -76,7 +76,10 @@ def test_summary_counts_correct_answers_per_category():
     run_ = evaluate.Run("x", "trimmed (k_ratio)", None)
     summary = evaluate.summarise(run_, sources.Dataset(items, sources.exact_match), preds)
     assert summary["accuracy"] == pytest.approx(2 / 3) and summary["official"] is None
-    assert summary["per_category"]["a"] == {"accuracy": 0.5, "kept_fraction": 0.375, "items": 2}
+    a = summary["per_category"]["a"]
+    assert a == {"accuracy": 0.5, "correct": 1, "kept_fraction": 0.375, "items": 2, "interval95": a["interval95"]}
+    assert a["interval95"] == pytest.approx((0.0945, 0.9055), abs=1e-4)  # Wilson 95% of 1/2
+    assert (summary["correct"], summary["items"]) == (2, 3)
     assert summary["kept_fraction"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
     assert summary["kv_bytes_kept"] == 45
 
@@ -153,7 +156,12 @@ def test_overlap_of_top_tokens():
             ["eval", "--data", "{missing_keys}"],
             "line 1: missing 'images', 'answer'; fix it, or skip bad lines with --skip-bad",
         ),
-        (["eval", "--skip-bad"], "--skip-bad skips bad rows of a --data file; the testbed has none"),
+        (["eval", "--skip-bad"], "--skip-bad and --benchmark apply to a --data file"),
+        (["eval", "--benchmark", "MME"], "--skip-bad and --benchmark apply to a --data file"),
+        (["eval", "--data", "{missing_keys}", "--benchmark", "MME"], "--benchmark chooses how a VLMEvalKit .tsv"),
+        (["eval", "--limit", "0"], "--limit, --batch-size and --max-new-tokens must be at least 1"),
+        (["eval", "--threads", "0"], "--threads must be at least 1, got 0"),
+        (["eval", "--dtype", "fp64"], "unknown --dtype 'fp64'; use auto, float32, fp32"),
         (["eval", "--data", "{empty}"], "has no items"),
         (["eval", "--data", "{nowhere}"], "does not exist"),
         (["eval", "--model", "{not_mllama}"], "'llama' model"),
@@ -164,6 +172,7 @@ def test_overlap_of_top_tokens():
         (["viz", "--model", "{not_mllama}"], "'llama' model"),
         (["viz", "--image", "{csv}", "--prompt", "what ?"], "cannot read image"),
         (["viz", "--out", "{garbage}"], "must name a .png"),
+        (["viz", "--image", "{csv}", "--image", "{csv}", "--prompt", "what ?"], "viz draws one image, got 2 --image"),
         (["viz", "--keep-ratio", "0"], "--keep-ratio must be in (0, 1], got 0.0"),
         (["demo", "--k-ratio", "x"], "--k-ratio must be a number, got 'x'"),
         (["demo", "--model", "{nowhere}"], "does not exist"),
@@ -212,3 +221,27 @@ def test_encode_pads_left_without_changing_the_callers_processor():
     mask = inference.encode(processor, [short, long], "cpu")["attention_mask"]
     assert mask[0, 0] == 0 and mask[0, -1] == 1 and bool(mask[1].all())  # left padding
     assert processor.tokenizer.padding_side == "right"
+
+
+def test_eval_counts_kept_over_valid_tokens_and_shows_counts_beside_accuracy(tmp_path, capsys):
+    """Ratio 1 keeps 100% of the real tokens (padding-tile slots are not counted as kept: they made it
+    208%); every accuracy shows correct/items, and the widest 95% interval is printed."""
+    code, out, err = run_cli(
+        capsys, "eval", "--limit", "3", "--k-ratios", "1", "--keep-ratios", "0.999", "--methods", "uniform",
+        "--out", tmp_path, "--device", "cpu", "--max-new-tokens", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "testbed held-out split (seed 557), the first 3 items" in out
+    result = json.loads((tmp_path / "results.json").read_text())
+    by_label = {r["label"]: r for r in result["runs"]}
+    assert by_label["trimmed k=1"]["kept_fraction"] == 1.0
+    assert all(p["kept"] == p["valid"] for p in by_label["trimmed k=1"]["predictions"])
+    assert "| trimmed k=1 | 100.0% ± 0.0% |" in out
+    # Ratio 1 caches every slot (as full); 0.999 keeps the same real tokens and drops the padding tiles.
+    assert by_label["trimmed k=1"]["kv_bytes_kept"] == by_label["trimmed k=1"]["kv_bytes_full"]
+    assert by_label["uniform keep=0.999"]["kv_bytes_kept"] < by_label["uniform keep=0.999"]["kv_bytes_full"]
+    assert "k=0.999 saves cache" in out
+    full = by_label["full"]
+    assert f"| {full['accuracy']:.1%} ({full['correct']}/3) |" in out
+    assert "Accuracy cells: correct/items. 95% intervals are in results.json; the widest here, " in out
+    assert full["interval95"][0] < full["accuracy"] <= full["interval95"][1]

@@ -410,3 +410,70 @@ def test_eval_skip_bad_skips_reports_and_records_bad_rows(tmp_path, checkpoint_d
     for run in result["runs"]:
         assert [p["id"] for p in run["predictions"]] == [i.id for i in items]
         assert run["official"] == vlmeval_metrics.score(items, [p["prediction"] for p in run["predictions"]])
+
+
+# -- what a user's file gets scored as, and on how much of it (issue 14) ------------------------------
+
+
+def test_eval_scores_a_tsv_larger_than_the_testbed_default_whole(tmp_path, checkpoint_dir, capsys, monkeypatch):
+    """No silent prefix: every row of a --data file is answered unless --limit says otherwise."""
+    from crosstrim.tools import eval as evaluate
+
+    monkeypatch.setattr(distributed, "predict_sharded", fake_predictions)
+    count = evaluate.TESTBED_ITEMS + 7
+    rows = [{"index": 0, "image": picture(0), "question": "Is there a car?", "answer": "Yes"}]
+    rows += [{"index": i, "image": "0", "question": f"Is there a car {i}?", "answer": ["Yes", "No"][i % 2]}
+             for i in range(1, count)]  # fmt: skip
+    path = vlmeval_tsv.write_tsv(tmp_path / "mine.tsv", rows)
+    argv = ["eval", "--data", path, "--model", checkpoint_dir, "--out", tmp_path / "out", "--keep-ratios", ""]
+    code, out, err = run_cli(capsys, *argv, "--k-ratios", "0.25")
+    assert code == 0, err
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["setup"]["items"] == count and result["setup"]["limit"] is None
+    assert all(len(run["predictions"]) == count for run in result["runs"])
+    assert f"all {count:,} items" in out.splitlines()[0]
+    code, out, err = run_cli(capsys, *argv, "--k-ratios", "0.25", "--limit", "10")
+    assert code == 0, err
+    assert f"10 of {count:,} items" in out.splitlines()[0]
+
+
+def test_limit_says_n_of_m_and_never_splits_an_mme_pair(tmp_path, files, checkpoint_dir, capsys, monkeypatch):
+    monkeypatch.setattr(distributed, "predict_sharded", fake_predictions)
+    argv = ["eval", "--data", files["MME"], "--model", checkpoint_dir, "--out", tmp_path / "out", "--keep-ratios", ""]
+    code, out, err = run_cli(capsys, *argv, "--k-ratios", "0.25", "--limit", "3")
+    assert code == 0, err
+    assert "2 of 6 items" in out.splitlines()[0]  # 3 would split the second image's pair
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [p["id"] for p in result["runs"][0]["predictions"]] == ["1", "2"]
+    # The trimmed run answers row 2 wrong: a whole pair scored, acc+ 0 (a split pair scored acc+ 100).
+    assert result["runs"][1]["official"]["acc+"] == 0.0
+    mme = sources.load(files["MME"])
+    assert [[i.id for i in mme.limited(n).items] for n in (1, 2, 5, 6)] == [
+        ["1", "2"], ["1", "2"], ["1", "2", "3", "4"], ["1", "2", "3", "4", "5", "6"]
+    ]  # fmt: skip
+    mmvp = sources.load(files["MMVP"])
+    assert [i.id for i in mmvp.limited(3).items] == ["1", "2"]
+    pope = sources.load(files["POPE"])
+    assert [i.id for i in pope.limited(3).items] == ["0", "1", "2"]  # no pairs: exactly the first 3
+
+
+def test_benchmark_flag_chooses_the_scoring_and_the_output_names_it(tmp_path, checkpoint_dir, capsys, monkeypatch):
+    monkeypatch.setattr(distributed, "predict_sharded", fake_predictions)
+    path = vlmeval_tsv.write_tsv(tmp_path / "MME_bad.tsv", mme_rows())
+    argv = ["eval", "--data", path, "--model", checkpoint_dir, "--out", tmp_path / "out", "--keep-ratios", ""]
+    code, out, err = run_cli(capsys, *argv, "--k-ratios", "0.25")
+    assert code == 0, err
+    assert "(benchmark YORN, recognised from the file; choose with --benchmark)" in out.splitlines()[0]
+    assert "perception" not in out
+    code, out, err = run_cli(capsys, *argv, "--k-ratios", "0.25", "--benchmark", "MME")
+    assert code == 0, err
+    assert "(benchmark MME, --benchmark)" in out.splitlines()[0] and "(headline: perception;" in out
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["setup"]["benchmark"] == "MME" and result["runs"][0]["official"]["perception"] == 200.0
+
+
+def test_an_unrecognisable_file_says_to_pass_benchmark(tmp_path, checkpoint_dir, capsys):
+    rows = [{"index": 1, "image": picture(0), "question": "What colour?", "answer": "red"}]
+    path = vlmeval_tsv.write_tsv(tmp_path / "colours.tsv", rows)
+    code, _, err = run_cli(capsys, "eval", "--data", path, "--model", checkpoint_dir, "--out", tmp_path / "out")
+    assert code == 2 and "crosstrim eval --benchmark NAME" in err and "rename" not in err

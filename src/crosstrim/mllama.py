@@ -42,7 +42,10 @@ class TrimStats:
     """What the last prefill kept, per sample, and what it costs in cross-attention KV cache.
 
     ``kept_indices[b]`` index sample ``b``'s image tokens as transformers lays them out:
-    ``image * max_tiles * tokens_per_tile + tile * tokens_per_tile + token``.
+    ``image * max_tiles * tokens_per_tile + tile * tokens_per_tile + token``: every slot later layers
+    attend and cache. ``kept_counts[b]`` counts only its valid (non-padding) tokens, so it never exceeds
+    ``valid_counts[b]``. The two differ at ratio 1.0, the identity, which keeps padding-tile slots too
+    (and so saves no cache); any ratio below 1 keeps valid tokens only (k 0.999 drops just the padding tiles).
     A sample with no image keeps nothing and reports 0 kept of 0 valid; the batch keeps its trimmed
     width (see README, "Batches").
     ``summary_tokens`` counts the stand-ins for dropped tokens (``TrimConfig.summarize_dropped``: one
@@ -70,7 +73,7 @@ class TrimStats:
             return 0, 0
         untrimmed = self.cross_layers - self.trimmed_layers
         full = self.cross_layers * self.image_tokens * self.kv_bytes_per_token
-        trimmed = self.kept_counts[b] + self.summary_tokens
+        trimmed = len(self.kept_indices[b]) + self.summary_tokens  # cached slots, padding tiles kept at 1.0
         kept = (self.trimmed_layers * trimmed + untrimmed * self.image_tokens) * self.kv_bytes_per_token
         return full, kept
 
@@ -392,7 +395,7 @@ class TrimHandle:
         step.prefill = True
         step.query = step.key = None
         valid_counts = valid.sum(-1).tolist()
-        kept_counts = keep.sum(-1).tolist()
+        kept_counts = (keep & valid).sum(-1).tolist()  # over valid tokens: ratio 1.0 keeps padding slots too
         self._calls.stats = self._stats(step.selection, kept_counts, valid_counts, batch, states.dtype)
         # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
         cache = _cache(kwargs)
@@ -553,7 +556,7 @@ class TrimHandle:
         index_cpu = selection.index.cpu()
         return TrimStats(
             method=self.config.describe(),
-            kept_indices=tuple(index_cpu[b, :k] for b, k in enumerate(kept)),
+            kept_indices=tuple(index_cpu[b, :k] for b, k in enumerate(selection.slot_valid.sum(-1).tolist())),
             kept_counts=tuple(kept),
             valid_counts=tuple(valid),
             image_tokens=selection.full_tokens,

@@ -9,7 +9,24 @@ import torch
 
 from crosstrim.evaluation import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Every spelling the commands accept for --dtype (case-insensitive), besides "auto".
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on GPU and float32 on CPU; any spelling in :data:`DTYPES` is accepted."""
+    if name.lower() == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name.lower() not in DTYPES:
+        raise UserError(f"unknown --dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name.lower()]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,7 +45,7 @@ def resolve_device(name: str) -> torch.device:
 def load(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
     """Load ``(model, processor)`` from a ``save_pretrained`` directory (model + processor files).
 
-    ``dtype="auto"`` uses bfloat16 on GPU and float32 on CPU.
+    ``dtype``: ``"auto"`` (bfloat16 on GPU, float32 on CPU) or a name in :data:`DTYPES` (``"bf16"``, ...).
     """
     from transformers import AutoProcessor, MllamaForConditionalGeneration
     from transformers.utils import logging as hf_logging
@@ -50,12 +67,7 @@ def load(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
             f"{str(path)!r} holds a {model_type!r} model; crosstrim needs a Llama-3.2-Vision (mllama) checkpoint"
         )
     torch_device = resolve_device(device)
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-    elif dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
-    else:
-        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    torch_dtype = resolve_dtype(dtype, torch_device)
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as err:

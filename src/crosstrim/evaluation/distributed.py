@@ -6,9 +6,11 @@ group (``nccl`` when the process has a GPU, ``gloo`` on CPU) and picks ``cuda:LO
 :func:`predict_sharded` answers this process's shard and returns every prediction, in item order,
 on rank 0 (``None`` elsewhere).
 
-Shards are contiguous runs of whole batches, so every batch holds the items it would hold in a
-single process: with the same batch size, N processes give exactly the predictions one process
-gives (padding, and therefore every logit, is the same).
+Shards are contiguous runs of items whose sizes differ by at most one, so no process idles while
+another works (30 items in batches of 32 on 2 processes: 15 each, not 30 and 0). Each process forms
+its own batches, so a sample may be padded differently than in a single process; selection and
+decoding ignore padding (left padding is masked, and the random baseline seeds every sample from
+its own tokens), so the answers are a single process's up to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -78,16 +80,11 @@ def process_group(device: str = "auto", backend: str | None = None) -> Iterator[
             dist.destroy_process_group()
 
 
-def shard(items: Sequence[T], rank: int, world_size: int, batch_size: int = 1) -> list[T]:
-    """Process ``rank``'s items: a contiguous run of whole batches, shards as even as batches allow."""
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Process ``rank``'s items: a contiguous run, shard sizes differing by at most one."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    batches = -(-len(items) // batch_size)
-    first = rank * batches // world_size
-    last = (rank + 1) * batches // world_size
-    return list(items[first * batch_size : last * batch_size])
+    return list(items[rank * len(items) // world_size : (rank + 1) * len(items) // world_size])
 
 
 def merge(items: Sequence[Item], parts: Sequence[Sequence[Prediction]]) -> list[Prediction]:
@@ -134,14 +131,37 @@ def predict_sharded(
     """:func:`~crosstrim.evaluation.inference.predict` over this process's shard; all predictions on rank 0.
 
     Every process must call it with the same items (in the same order) and settings. Rank 0 gets
-    the merged predictions in item order, the others ``None``.
+    the merged predictions in item order, the others ``None``. ``progress`` is called after every batch
+    with the number of items *all* processes finished in it, so a bar shows the whole job; in a group
+    that is a collective (every process answers the same number of batch steps, a short shard
+    reporting 0 for its missing last one), so pass it on every process or on none.
     """
-    mine = shard(items, rank, world_size, batch_size)
+    mine = shard(items, rank, world_size)
+    report = progress
+    steps_left = 0
+    if progress is not None and world_size > 1 and dist.is_initialized():
+        largest = -(-len(items) // world_size)
+        steps_left = -(-largest // batch_size)  # the batches of the largest shard
+
+        def report(count: int) -> None:
+            nonlocal steps_left
+            steps_left -= 1
+            progress(_summed(count, model.device))
+
     answered = predict(
-        model, processor, mine, config, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress
+        model, processor, mine, config, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=report
     )
+    for _ in range(steps_left):
+        progress(_summed(0, model.device))
     parts = gather(answered, rank, world_size)
     return None if parts is None else merge(items, parts)
+
+
+def _summed(count: int, device: torch.device) -> int:
+    """``count`` summed over the processes of the group (each must call it)."""
+    total = torch.tensor([count], device=device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 __all__ = ["Rank", "from_environment", "gather", "merge", "predict_sharded", "process_group", "shard"]

@@ -9,10 +9,26 @@ from crosstrim.config import METHODS, TrimConfig
 from crosstrim.evaluation import UserError
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    parser.add_argument("--model", required=required, metavar="DIR", help="local checkpoint folder (save_pretrained)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` (default: the testbed shipped in the package), ``--device``, ``--dtype`` and ``--threads``."""
+    parser.add_argument(
+        "--model", metavar="DIR", help="local checkpoint folder (save_pretrained); default: the built-in testbed"
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
+    add_dtype_argument(parser, "model dtype", "auto: bf16 on GPU, fp32 on CPU")
+    add_threads_argument(parser)
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser, what: str, default: str) -> None:
+    """``--dtype``, spelled alike by every command (checked where it is used)."""
+    parser.add_argument(
+        "--dtype", default="auto", help=f"{what}: fp32/float32, bf16/bfloat16, fp16/float16 or {default} (default)"
+    )
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch's CPU threads, set by :func:`crosstrim.cli.main` before the command runs."""
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
 
 
 def add_trim_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from crosstrim.evaluation import UserError, checkpoint, vlmeval_metrics, vlmeval_tsv
@@ -32,6 +32,9 @@ class Dataset:
             where the format defines none; ``headline`` names the one ``crosstrim eval`` plots.
         headline: a key of what ``official`` returns (``None`` without ``official``).
         skipped: the rows a loader skipped under ``skip_bad``, with where and why.
+        benchmark: the benchmark whose scoring applies (a VLMEvalKit name), ``None`` for plain items.
+        groups: the items the official metrics judge together (positions, see
+            :func:`~crosstrim.evaluation.vlmeval_metrics.scored_together`); ``None``: each item alone.
     """
 
     items: list[Item]
@@ -39,13 +42,26 @@ class Dataset:
     official: BenchmarkScorer | None = None
     headline: str | None = None
     skipped: list[vlmeval_tsv.Skipped] = field(default_factory=list)
+    benchmark: str | None = None
+    groups: Callable[[Sequence[Item]], list[list[int]]] | None = None
+
+    def limited(self, limit: int) -> Dataset:
+        """The first ``limit`` items, cut between groups (an MME image pair, an MMVP case) and never inside
+        one, since a split group scores wrongly: whole groups in order while they fit, at least one."""
+        groups = self.groups(self.items) if self.groups is not None else [[row] for row in range(len(self.items))]
+        chosen: list[int] = []
+        for group in groups:
+            if chosen and len(chosen) + len(group) > limit:
+                break
+            chosen += group
+        return replace(self, items=[self.items[row] for row in sorted(chosen)])
 
 
 @dataclass(frozen=True)
 class Source:
-    """A dataset file format: how to read it (``load(file, skip_bad)``) and what it holds."""
+    """A dataset file format: how to read it (``load(file, skip_bad, benchmark)``) and what it holds."""
 
-    load: Callable[[Path, bool], Dataset]
+    load: Callable[[Path, bool, str | None], Dataset]
     description: str
 
 
@@ -90,10 +106,15 @@ def _jsonl_item(path: Path, record: object) -> Item:
     )
 
 
-def load_jsonl(path: Path, skip_bad: bool = False) -> Dataset:
+def load_jsonl(path: Path, skip_bad: bool = False, benchmark: str | None = None) -> Dataset:
     """One JSON object a line: ``id``, ``images`` (paths relative to the file), ``prompt``, ``answer``,
     optional ``category`` and ``extra`` -- the format ``crosstrim testbed data`` writes. Scored by
-    :func:`exact_match`; ``skip_bad`` skips (and lists) lines that cannot become items."""
+    :func:`exact_match`; ``skip_bad`` skips (and lists) lines that cannot become items. A benchmark's
+    scoring applies to VLMEvalKit TSVs only: naming one is an error."""
+    if benchmark is not None:
+        raise UserError(
+            f"--benchmark chooses how a VLMEvalKit .tsv is scored; {path.name} is JSON lines, scored by exact match"
+        )
     items, skipped = [], []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -115,17 +136,20 @@ def load_jsonl(path: Path, skip_bad: bool = False) -> Dataset:
     return Dataset(items, exact_match, skipped=skipped)
 
 
-def load_vlmeval_tsv(path: Path, skip_bad: bool = False) -> Dataset:
-    """A VLMEvalKit TSV (:mod:`~crosstrim.evaluation.vlmeval_tsv`): scored per question with the benchmark's
-    answer extraction (:func:`~crosstrim.evaluation.vlmeval_metrics.correct`) and officially by
+def load_vlmeval_tsv(path: Path, skip_bad: bool = False, benchmark: str | None = None) -> Dataset:
+    """A VLMEvalKit TSV (:mod:`~crosstrim.evaluation.vlmeval_tsv`) of ``benchmark`` (default: recognised from
+    the file name, else its columns or answers): scored per question with the benchmark's answer extraction
+    (:func:`~crosstrim.evaluation.vlmeval_metrics.correct`) and officially by
     :func:`~crosstrim.evaluation.vlmeval_metrics.score`."""
-    data = vlmeval_tsv.load_tsv(path, skip_bad=skip_bad)
+    data = vlmeval_tsv.load_tsv(path, benchmark=benchmark, skip_bad=skip_bad)
     return Dataset(
         data.items,
         vlmeval_metrics.correct,
         vlmeval_metrics.score,
         vlmeval_metrics.headline(data.benchmark),
         data.skipped,
+        data.benchmark,
+        vlmeval_metrics.scored_together,
     )
 
 
@@ -135,9 +159,10 @@ SOURCES: dict[str, Source] = {
 }
 
 
-def load(path: str | Path, *, skip_bad: bool = False) -> Dataset:
-    """The dataset in a file, read by its suffix; a wrong suffix, an unreadable file, a bad row (unless
-    ``skip_bad``) or no items at all is a user error."""
+def load(path: str | Path, *, skip_bad: bool = False, benchmark: str | None = None) -> Dataset:
+    """The dataset in a file, read by its suffix, scored as ``benchmark`` (a VLMEvalKit name; by default
+    recognised from the file); a wrong suffix, an unreadable file, a bad row (unless ``skip_bad``) or no
+    items at all is a user error."""
     file = Path(path)
     source = SOURCES.get(file.suffix.lower())
     if source is None:
@@ -146,7 +171,7 @@ def load(path: str | Path, *, skip_bad: bool = False) -> Dataset:
     if not file.is_file():
         raise UserError(f"dataset file {str(file)!r} does not exist")
     try:
-        data = source.load(file, skip_bad)
+        data = source.load(file, skip_bad, benchmark)
     except UnicodeDecodeError as err:
         raise UserError(f"cannot read {str(file)!r}: not a text file") from err
     if not data.items:

@@ -109,17 +109,40 @@ def _percent(values: Sequence[bool | float]) -> float:
     return 100.0 * sum(values) / len(values) if values else 0.0
 
 
+def scored_together(items: Sequence[Item]) -> list[list[int]]:
+    """Positions of the items the official metric judges as one, in order of first appearance: MME's
+    questions about one image (``acc+``), MMVP's cases of two rows (``pair_acc``); every other item alone.
+
+    A subset that splits such a group scores it wrongly (one question of an MME pair right counts as
+    the whole pair right), so ``crosstrim eval --limit`` takes whole groups.
+    """
+    names = {item.extra.get("benchmark") for item in items}
+    name = names.pop() if len(names) == 1 else None
+    integer = all(re.fullmatch(r"-?\d+", item.id) for item in items)
+
+    def key(row: int, item: Item) -> object:
+        if name == "MME":
+            # VLMEvalKit pairs the questions of an image by its image_path; without it, by the image itself.
+            return item.category, item.extra.get("image_path") or item.extra.get("image_source") or item.id
+        if name == "MMVP":  # rows with 1-based indices 2c+1 and 2c+2 form case c
+            return (int(item.id) - 1) // 2 if integer else row // 2
+        return row
+
+    groups: dict[object, list[int]] = {}
+    for row, item in enumerate(items):
+        groups.setdefault(key(row, item), []).append(row)
+    return list(groups.values())
+
+
 def _mme(items: Sequence[Item], hits: Sequence[bool]) -> dict[str, float]:
-    by_category: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    for item, hit in zip(items, hits):
-        # VLMEvalKit pairs the questions of an image by its image_path; without it, by the image itself.
-        key = item.extra.get("image_path") or item.extra.get("image_source") or item.id
-        by_category[item.category][key].append(hit)
+    by_category: dict[str, list[list[bool]]] = defaultdict(list)
+    for group in scored_together(items):
+        by_category[items[group[0]].category].append([hits[row] for row in group])
     result: dict[str, float] = {}
     scores: dict[str, float] = {}
     for category, groups in sorted(by_category.items()):
-        acc = _percent([h for group in groups.values() for h in group])
-        acc_plus = _percent([all(group) for group in groups.values()])
+        acc = _percent([h for group in groups for h in group])
+        acc_plus = _percent([all(group) for group in groups])
         scores[category] = acc + acc_plus
         result[f"{category}/acc"] = acc
         result[f"{category}/acc+"] = acc_plus
@@ -128,7 +151,7 @@ def _mme(items: Sequence[Item], hits: Sequence[bool]) -> dict[str, float]:
     cognition = sum(scores.get(c, 0.0) for c in MME_COGNITION)
     head = {"perception": perception, "cognition": cognition, "total": perception + cognition}
     head["acc"] = _percent(hits)
-    head["acc+"] = _percent([all(g) for groups in by_category.values() for g in groups.values()])
+    head["acc+"] = _percent([all(g) for groups in by_category.values() for g in groups])
     return head | result
 
 
@@ -173,12 +196,8 @@ def _accuracy(items: Sequence[Item], hits: Sequence[bool]) -> dict[str, float]:
 
 
 def _mmvp_pairs(items: Sequence[Item], hits: Sequence[bool]) -> float:
-    """VLMEvalKit's MMVP case accuracy: rows with 1-based indices 2c+1 and 2c+2 form case ``c``."""
-    cases: dict[object, list[bool]] = defaultdict(list)
-    integer = all(re.fullmatch(r"-?\d+", item.id) for item in items)
-    for row, (item, hit) in enumerate(zip(items, hits)):
-        cases[(int(item.id) - 1) // 2 if integer else row // 2].append(hit)
-    return _percent([all(case) for case in cases.values()])
+    """VLMEvalKit's MMVP case accuracy: both rows of a case right."""
+    return _percent([all(hits[row] for row in case) for case in scored_together(items)])
 
 
 def score(items: Sequence[Item], predictions: Mapping[str, str] | Sequence[str]) -> dict[str, float]:
@@ -225,4 +244,5 @@ __all__ = [
     "extracted",
     "headline",
     "score",
+    "scored_together",
 ]

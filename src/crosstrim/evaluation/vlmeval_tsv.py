@@ -281,7 +281,8 @@ def load_tsv(path: str | Path, *, benchmark: str | None = None, skip_bad: bool =
         else:
             raise UserError(
                 f"cannot tell which benchmark {file.name} holds (no option columns, answers not Yes/No); "
-                f"name it after one of {', '.join(BENCHMARKS)} or pass the benchmark explicitly"
+                f"name it: crosstrim eval --benchmark NAME (load_tsv(..., benchmark=NAME)), NAME one of "
+                f"{', '.join(BENCHMARKS)}"
             )
     kind = BENCHMARKS[name]
     options_in_file = [letter for letter in OPTION_LETTERS if letter in header]

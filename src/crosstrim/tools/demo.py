@@ -18,7 +18,7 @@ from crosstrim.tools import viz
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="full vs trimmed answers on a few testbed questions")
-    options.add_model_arguments(parser, required=False)
+    options.add_model_arguments(parser)
     parser.add_argument("--count", type=int, default=9, help="held-out questions to answer (default 9)")
     parser.add_argument("--viz", default="runs/demo.png", metavar="FILE", help="viz PNG to write")
     options.add_trim_arguments(parser)

@@ -23,7 +23,7 @@ import torch
 
 import crosstrim
 from crosstrim.config import TrimConfig
-from crosstrim.evaluation import UserError, distributed, options, sources
+from crosstrim.evaluation import UserError, distributed, options, sources, vlmeval_tsv
 from crosstrim.evaluation.inference import Prediction
 from crosstrim.evaluation.options import progress_bar
 from crosstrim.testbed import data as testbed_data
@@ -33,6 +33,14 @@ from crosstrim.testbed import load_model
 # N <= 10,000 image tokens, i.e. any Llama-3.2-Vision input). It measures how much the model needs
 # the later cross-attention layers at all; a testbed where this costs little cannot rank selections.
 ONE_TOKEN = 1e-4
+# Why ratio 1.0 saves no cache while 0.999 does, printed under every table.
+KV_NOTE = (
+    "Kept is over real image tokens; the KV cache counts every slot it holds. The full model and ratio 1 "
+    "(the identity) also hold the padding tiles of images with fewer tiles than the maximum; any ratio below 1 "
+    "drops them, so k=0.999 saves cache while keeping ~every real token."
+)
+# Testbed questions answered without --limit (a --data file is answered whole).
+TESTBED_ITEMS = 600
 
 
 @dataclass(frozen=True)
@@ -107,10 +115,15 @@ def summarise(run: Run, data: sources.Dataset, predictions: list[Prediction]) ->
         "family": run.family,
         "config": asdict(run.config) if run.config is not None else None,
         "accuracy": sum(r["correct"] for r in records) / len(records),
+        "correct": sum(r["correct"] for r in records),
+        "items": len(records),
+        "interval95": wilson(sum(r["correct"] for r in records), len(records)),
         "official": data.official(data.items, [p.text for p in predictions]) if data.official else None,
         "per_category": {
             cat: {
                 "accuracy": sum(c for c, _ in rows) / len(rows),
+                "correct": sum(c for c, _ in rows),
+                "interval95": wilson(sum(c for c, _ in rows), len(rows)),
                 "kept_fraction": statistics.fmean(f for _, f in rows) if rows[0][1] is not None else 1.0,
                 "items": len(rows),
             }
@@ -122,6 +135,31 @@ def summarise(run: Run, data: sources.Dataset, predictions: list[Prediction]) ->
         "kv_bytes_kept": statistics.fmean(kv_kept) if kv_kept else None,
         "predictions": records,
     }
+
+
+def wilson(correct: int, items: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of an accuracy of ``correct`` out of ``items``: honest
+    at 0% and 100% and on few items, where 3 of 3 right is not evidence of a perfect model."""
+    share = correct / items
+    centre = (share + z * z / (2 * items)) / (1 + z * z / items)
+    half = z / (1 + z * z / items) * (share * (1 - share) / items + z * z / (4 * items * items)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _accuracy(cell: dict) -> str:
+    """An accuracy with the counts it comes from, e.g. ``97.0% (582/600)``."""
+    return f"{cell['accuracy']:.1%} ({cell['correct']}/{cell['items']})"
+
+
+def uncertainty_note(results: list[dict]) -> str:
+    """The widest 95% interval of the table's accuracies, so that a 100% on a few items reads as what it is."""
+    cells = [cell for r in results for cell in [r, *r["per_category"].values()]]
+    widest = max(cells, key=lambda cell: cell["interval95"][1] - cell["interval95"][0])
+    low, high = widest["interval95"]
+    return (
+        f"Accuracy cells: correct/items. 95% intervals are in results.json; the widest here, "
+        f"{widest['correct']}/{widest['items']}, spans {low:.1%} to {high:.1%}."
+    )
 
 
 def official_columns(results: list[dict]) -> list[str]:
@@ -141,8 +179,8 @@ def table(results: list[dict]) -> str:
         kv = r["kv_bytes_kept"] if r["kv_bytes_kept"] is not None else full_kv
         kv_text = f"{kv / 1024:.1f} KiB" if kv is not None else "n/a"
         kept = f"{r['kept_fraction']:.1%} ± {r['kept_fraction_std']:.1%}"
-        cells = [r["label"], kept, kv_text, *(f"{r['official'][key]:.2f}" for key in official), f"{r['accuracy']:.1%}"]
-        cells += [f"{r['per_category'][c]['accuracy']:.1%}" for c in categories]
+        cells = [r["label"], kept, kv_text, *(f"{r['official'][key]:.2f}" for key in official), _accuracy(r)]
+        cells += [_accuracy(r["per_category"][c]) for c in categories]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -229,14 +267,25 @@ def _listed(text: str) -> list[str]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="accuracy vs kept image features for every selection method")
-    options.add_model_arguments(parser, required=False)
+    options.add_model_arguments(parser)
     parser.add_argument(
         "--data", metavar="FILE", help="dataset file (.jsonl, VLMEvalKit .tsv); default: the testbed held-out split"
     )
     parser.add_argument(
         "--skip-bad", action="store_true", help="skip --data rows that cannot become items (listed in results.json)"
     )
-    parser.add_argument("--limit", type=int, default=600, help="use the first N items (default 600)")
+    parser.add_argument(
+        "--benchmark",
+        choices=vlmeval_tsv.BENCHMARKS,
+        help="how a .tsv is scored (default: recognised from its file name, else its columns or answers)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help=f"answer only the first N items (default: all of --data; {TESTBED_ITEMS} testbed questions); "
+        "an MME image pair or MMVP case is never split",
+    )
     parser.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder (default runs/eval)")
     parser.add_argument("--k-ratios", default="0.5,0.25,0.15,0.1,0.05", help="trimmed k_ratio sweep")
     parser.add_argument("--keep-ratios", default="0.75,0.5,0.25,0.1", help="exact-budget sweep for every method")
@@ -255,7 +304,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.limit < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+    if (args.limit is not None and args.limit < 1) or args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
     try:
         runs = plan(
@@ -264,17 +313,24 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UserError(str(err)) from err
     if args.data:
-        data = sources.load(args.data, skip_bad=args.skip_bad)
-        data = replace(data, items=data.items[: args.limit])
+        data = sources.load(args.data, skip_bad=args.skip_bad, benchmark=args.benchmark)
+        total = len(data.items)
+        if args.limit is not None:
+            data = data.limited(args.limit)
         data_name = args.data
-    elif args.skip_bad:
-        raise UserError("--skip-bad skips bad rows of a --data file; the testbed has none")
+        if data.benchmark is not None:
+            how = "--benchmark" if args.benchmark else "recognised from the file; choose with --benchmark"
+            data_name += f" (benchmark {data.benchmark}, {how})"
+        count = f"{len(data.items):,} of {total:,} items" if len(data.items) < total else f"all {total:,} items"
+    elif args.skip_bad or args.benchmark:
+        raise UserError("--skip-bad and --benchmark apply to a --data file; the testbed has no bad rows and one scorer")
     else:
-        data = sources.Dataset(testbed_data.heldout(args.limit), sources.exact_match)
-        data_name = f"testbed held-out split (seed {testbed_data.HELDOUT_SEED}, first {args.limit})"
+        limit = args.limit or TESTBED_ITEMS
+        data = sources.Dataset(testbed_data.heldout(limit), sources.exact_match)
+        data_name = f"testbed held-out split (seed {testbed_data.HELDOUT_SEED})"
+        count = f"the first {limit:,} items"
     items = data.items
-    # Under torchrun every process answers its shard of whole batches (the batches one process would
-    # form), so the merged predictions, and the scores, equal a single-process run's.
+    # Under torchrun every process answers an even share of the items; the bar counts all of them.
     with distributed.process_group(args.device) as rank:
         if data.skipped and rank.is_main:
             print(
@@ -308,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         processes = rank.world_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{model_name} on {data_name}, {len(items)} items"
+    title = f"{model_name} on {data_name}, {count}"
     report = f"{title}\n\n"
     if data.skipped:
         report += f"Skipped {len(data.skipped)} bad rows of the file (listed in results.json).\n\n"
@@ -317,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
             f"Official metrics: {', '.join(official_columns(results))} (headline: {data.headline}; per category in "
             "results.json). accuracy and the category columns are per question.\n\n"
         )
-    report += f"{table(results)}\n"
+    report += f"{table(results)}\n\n{uncertainty_note(results)} {KV_NOTE}\n"
     adaptive = kept_by_category(results)
     if adaptive:
         report += f"\nKept fraction per category (trimmed, k_ratio):\n\n{adaptive}\n"
@@ -333,6 +389,8 @@ def run(args: argparse.Namespace) -> int:
         "decoding": "greedy",
         "processes": processes,
         "headline": data.headline,
+        "benchmark": data.benchmark,
+        "limit": args.limit,
     }
     skipped = [asdict(s) for s in data.skipped]
     record = {"setup": setup, "versions": versions(), "skipped": skipped, "runs": results}

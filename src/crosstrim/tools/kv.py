@@ -9,7 +9,20 @@ from pathlib import Path
 from crosstrim import memory
 from crosstrim.evaluation import UserError
 
-GB = 1e9
+# Decimal byte units, largest first: every table and plot picks the one that fits its largest number.
+UNITS = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))
+
+
+def unit_for(values) -> tuple[str, float]:
+    """The largest unit in which the largest of ``values`` (bytes) is at least 1, e.g. ``("MB", 1e6)``."""
+    largest = max(values, default=0)
+    return next(((name, size) for name, size in UNITS if largest >= size), UNITS[-1])
+
+
+def scaled(value: float) -> str:
+    """``value`` bytes in the unit that fits it, e.g. ``'52.2 KB'``."""
+    name, size = unit_for([value])
+    return f"{value / size:.4g} {name}"
 
 
 def register(subparsers) -> None:
@@ -17,7 +30,11 @@ def register(subparsers) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="local checkpoint folder (only config.json is read)")
     source.add_argument("--preset", help="published config: 11b (default) or 90b")
-    parser.add_argument("--dtype", default="bf16", help="cache dtype: bf16 (default), fp16, fp32, fp8")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="cache dtype: fp32/float32, bf16/bfloat16, fp16/float16, fp8 or auto (default: bf16, as on GPU)",
+    )
     parser.add_argument("--keep", default="0.5,0.25,0.1", help="kept fractions r to compare (default 0.5,0.25,0.1)")
     parser.add_argument("--batch", default="1,2,4,8,16,32,64", help="batch sizes of table (a)")
     parser.add_argument("--text-tokens", type=int, default=128, help="text length of table (a) (default 128)")
@@ -28,7 +45,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--trim-first-layer-cache", action="store_true", help="also count the first cross layer's cache as trimmed"
     )
-    parser.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where PNG + JSON go")
+    parser.add_argument("--out", default="runs/kv", metavar="DIR", help="where PNG + JSON go (default runs/kv)")
     parser.add_argument("--no-plot", action="store_true", help="print the tables only")
     parser.set_defaults(run=run)
 
@@ -128,7 +145,6 @@ def compute(model: memory.MemoryModel, args: argparse.Namespace) -> dict:
 
 def render(result: dict) -> str:
     keep = list(result["cross_kv_bytes_per_image_kept"])
-    gb = lambda v: f"{v / GB:.3f}"  # noqa: E731
     first = "all" if result["trim_first_layer_cache"] else "later"
     lines = [
         f"KV-cache model of {result['model']} ({result['dtype']}, {result['element_size']} B/element), from its "
@@ -137,27 +153,34 @@ def render(result: dict) -> str:
         f"{result['max_tiles']} tiles x {result['tokens_per_tile']} tokens per image slot.",
         f"self-attention KV per text token: {result['self_kv_bytes_per_text_token']:,} B",
         f"cross-attention KV per image:     {result['cross_kv_bytes_per_image']:,} B "
-        f"({result['cross_kv_bytes_per_image'] / 1e6:.1f} MB)",
+        f"({scaled(result['cross_kv_bytes_per_image'])})",
     ]
     for r, value in result["cross_kv_bytes_per_image_kept"].items():
-        lines.append(f"  kept fraction r={r} ({first} cross layers trimmed): {value:,} B ({value / 1e6:.1f} MB)")
+        lines.append(f"  kept fraction r={r} ({first} cross layers trimmed): {value:,} B ({scaled(value)})")
+    name, size = unit_for(row["self"] + row["cross_full"] for row in result["vs_batch"])
+
+    def amount(value: float) -> str:  # in the unit of the table being built (size, reassigned per table)
+        return f"{value / size:.4g}"
+
     header = ["batch", "self", "cross full", *[f"cross r={r}" for r in keep], "total full"]
     header += [f"total r={r}" for r in keep]
     rows = []
     for row in result["vs_batch"]:
-        cells = [row["batch"], gb(row["self"]), gb(row["cross_full"]), *[gb(row["cross"][r]) for r in keep]]
-        cells += [gb(row["self"] + row["cross_full"]), *[gb(row["self"] + row["cross"][r]) for r in keep]]
+        cells = [row["batch"], amount(row["self"]), amount(row["cross_full"]), *[amount(row["cross"][r]) for r in keep]]
+        cells += [amount(row["self"] + row["cross_full"]), *[amount(row["self"] + row["cross"][r]) for r in keep]]
         rows.append(cells)
     text_tokens = result["vs_batch"][0]["text_tokens"]
-    lines += ["", f"(a) KV cache vs batch size, GB (1e9 B), {text_tokens} text tokens, {result['images']} image(s)"]
+    lines += ["", f"(a) KV cache vs batch size, {name}, {text_tokens} text tokens, {result['images']} image(s)"]
     lines.append(table(header, rows))
+    name, size = unit_for(max(row["self"], row["cross_full"]) for row in result["vs_text"])
     header = ["text tokens", "self", "cross full", *[f"cross r={r}" for r in keep], "self-attn KV > cross-attn KV for"]
     rows = []
     for row in result["vs_text"]:
         over = [r for r in ["full", *keep] if row["self"] > (row["cross_full"] if r == "full" else row["cross"][r])]
-        cells = [row["text_tokens"], gb(row["self"]), gb(row["cross_full"]), *[gb(row["cross"][r]) for r in keep]]
+        cells = [row["text_tokens"], amount(row["self"]), amount(row["cross_full"])]
+        cells += [amount(row["cross"][r]) for r in keep]
         rows.append([*cells, ", ".join(("r=" + r if r != "full" else r) for r in over) or "-"])
-    lines += ["", f"(b) KV cache vs text length, GB, batch 1, {result['images']} image(s)", table(header, rows)]
+    lines += ["", f"(b) KV cache vs text length, {name}, batch 1, {result['images']} image(s)", table(header, rows)]
     lines.append(
         "self-attention KV overtakes cross-attention KV at: "
         + ", ".join(
@@ -178,28 +201,31 @@ def plot(result: dict, out: Path) -> list[Path]:
     name = result["model"] or "model"
     fig, (ax_b, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
     batch = [row["batch"] for row in result["vs_batch"]]
-    ax_b.plot(batch, [r["self"] / GB for r in result["vs_batch"]], "k-o", label="self-attn KV")
-    ax_b.plot(batch, [r["cross_full"] / GB for r in result["vs_batch"]], "C0-o", label="cross-attn KV, full")
+    name_b, size_b = unit_for(row["self"] + row["cross_full"] for row in result["vs_batch"])
+    ax_b.plot(batch, [r["self"] / size_b for r in result["vs_batch"]], "k-o", label="self-attn KV")
+    ax_b.plot(batch, [r["cross_full"] / size_b for r in result["vs_batch"]], "C0-o", label="cross-attn KV, full")
     for i, r in enumerate(keep):
-        ys = [row["cross"][r] / GB for row in result["vs_batch"]]
+        ys = [row["cross"][r] / size_b for row in result["vs_batch"]]
         ax_b.plot(batch, ys, f"C{i + 1}--o", label=f"cross-attn KV, r={r}")
     ax_b.set(
         xscale="log",
         yscale="log",
         xlabel="batch size",
-        ylabel="GB",
+        ylabel=name_b,
         title=f"(a) KV vs batch ({result['vs_batch'][0]['text_tokens']} text tokens)",
     )
     ax_b.set_xticks(batch, [str(b) for b in batch])
     lengths = [row["text_tokens"] for row in result["vs_text"]]
-    ax_t.plot(lengths, [r["self"] / GB for r in result["vs_text"]], "k-o", label="self-attn KV")
-    ax_t.axhline(result["vs_text"][0]["cross_full"] / GB, color="C0", label="cross-attn KV, full")
+    name_t, size_t = unit_for(max(row["self"], row["cross_full"]) for row in result["vs_text"])
+    ax_t.plot(lengths, [r["self"] / size_t for r in result["vs_text"]], "k-o", label="self-attn KV")
+    ax_t.axhline(result["vs_text"][0]["cross_full"] / size_t, color="C0", label="cross-attn KV, full")
     for i, r in enumerate(keep):
-        ax_t.axhline(result["vs_text"][0]["cross"][r] / GB, color=f"C{i + 1}", ls="--", label=f"cross-attn KV, r={r}")
+        kept = result["vs_text"][0]["cross"][r] / size_t
+        ax_t.axhline(kept, color=f"C{i + 1}", ls="--", label=f"cross-attn KV, r={r}")
     for i, n in enumerate(result["crossover_text_tokens"].values()):
         ax_t.axvline(n, color=f"C{i}", ls=":", lw=1)
         ax_t.text(n, 0.02, f" {n:,.0f}", transform=ax_t.get_xaxis_transform(), rotation=90, fontsize=7, color=f"C{i}")
-    ax_t.set(xscale="log", yscale="log", xlabel="text tokens", ylabel="GB", title="(b) KV vs text length (batch 1)")
+    ax_t.set(xscale="log", yscale="log", xlabel="text tokens", ylabel=name_t, title="(b) KV vs text length (batch 1)")
     ax_t.set_xticks(lengths, [str(n) for n in lengths])
     ax_b.legend(fontsize=7)
     ax_t.legend(fontsize=7)
@@ -212,6 +238,8 @@ def plot(result: dict, out: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dtype.lower() == "auto":
+        args.dtype = "bf16"  # what the other commands load on a GPU
     try:
         memory.element_size(args.dtype)
     except ValueError as err:

@@ -226,8 +226,10 @@ def figure(item: Item, model, processor, config: TrimConfig, path: Path) -> dict
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("viz", help="PNG of cross-attention over the image and the kept tokens")
-    options.add_model_arguments(parser, required=False)
-    parser.add_argument("--image", metavar="FILE", help="image file (default: a testbed held-out question)")
+    options.add_model_arguments(parser)
+    parser.add_argument(
+        "--image", action="append", metavar="FILE", help="one image file (default: a testbed held-out question)"
+    )
     parser.add_argument("--prompt", help="question about --image")
     parser.add_argument("--item", type=int, default=1, help="testbed held-out item index when no --image (default 1)")
     parser.add_argument("--out", default="runs/viz.png", metavar="FILE", help="PNG to write")
@@ -239,10 +241,12 @@ def run(args: argparse.Namespace) -> int:
     config = options.trim_config(args)
     if (args.image is None) != (args.prompt is None):
         raise UserError("--image and --prompt go together (or give neither to use a testbed question)")
+    if args.image is not None and len(args.image) > 1:
+        raise UserError(f"viz draws one image, got {len(args.image)} --image; run it once per image")
     if args.item < 0:
         raise UserError("--item must be >= 0")
     if args.image:
-        item = Item("image", (checkpoint.load_image(args.image),), args.prompt, "", "image")
+        item = Item("image", (checkpoint.load_image(args.image[0]),), args.prompt, "", "image")
     else:
         item = testbed_data.heldout(1, start=args.item)[0]
     if not str(args.out).lower().endswith(".png"):
