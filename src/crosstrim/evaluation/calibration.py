@@ -293,17 +293,19 @@ def calibrate(
     """Answer ``items`` with the full model and every setting and recommend one for ``target`` agreement.
 
     Under ``torch.distributed`` every process passes the same items and settings and answers its
-    shard (whole batches, as :mod:`crosstrim.evaluation.distributed` shards them, so the batches, and every
-    answer, are those of one process); rank 0 gets the result, the others ``None``.
+    shard (an even, contiguous run of items, as :func:`crosstrim.evaluation.distributed.shard` cuts it);
+    rank 0 gets the result, the others ``None``.
     """
     if not 0 < target <= 1:
         raise ValueError(f"target agreement must be in (0, 1]; got {target}")
     if not settings:
         raise ValueError("give at least one setting to calibrate")
-    mine = distributed.shard(items, rank, world_size, batch_size)
-    records = answer_requests(
-        model, processor, mine, settings, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress
-    )
+    mine = distributed.shard(items, rank, world_size)
+    rounds = len(settings) + 1  # the full model, then every setting, over each batch
+    with distributed.job_progress(progress, len(items), world_size, batch_size, model.device, rounds) as report:
+        records = answer_requests(
+            model, processor, mine, settings, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=report
+        )
     parts = distributed.gather(records, rank, world_size)
     if parts is None:
         return None

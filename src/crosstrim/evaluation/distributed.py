@@ -137,24 +137,40 @@ def predict_sharded(
     reporting 0 for its missing last one), so pass it on every process or on none.
     """
     mine = shard(items, rank, world_size)
-    report = progress
-    steps_left = 0
-    if progress is not None and world_size > 1 and dist.is_initialized():
-        largest = -(-len(items) // world_size)
-        steps_left = -(-largest // batch_size)  # the batches of the largest shard
-
-        def report(count: int) -> None:
-            nonlocal steps_left
-            steps_left -= 1
-            progress(_summed(count, model.device))
-
-    answered = predict(
-        model, processor, mine, config, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=report
-    )
-    for _ in range(steps_left):
-        progress(_summed(0, model.device))
+    with job_progress(progress, len(items), world_size, batch_size, model.device) as report:
+        answered = predict(
+            model, processor, mine, config, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=report
+        )
     parts = gather(answered, rank, world_size)
     return None if parts is None else merge(items, parts)
+
+
+@contextlib.contextmanager
+def job_progress(
+    progress, items: int, world_size: int, batch_size: int, device: torch.device, rounds: int = 1
+) -> Iterator:
+    """A per-batch ``progress`` callback that reports the items *all* processes finished, so one bar shows
+    the whole job.
+
+    Each call is a collective: every process must make the same number of calls, so a process whose
+    shard has fewer batches reports 0 for its missing ones on leaving the block. ``rounds`` is how often
+    each process goes over its shard (e.g. once per setting). Without a process group, or without
+    ``progress``, ``progress`` is passed through.
+    """
+    if progress is None or world_size == 1 or not dist.is_initialized():
+        yield progress
+        return
+    largest = -(-items // world_size)
+    calls_left = rounds * -(-largest // batch_size)  # the batches of the largest shard, every round
+
+    def report(count: int) -> None:
+        nonlocal calls_left
+        calls_left -= 1
+        progress(_summed(count, device))
+
+    yield report
+    for _ in range(calls_left):
+        progress(_summed(0, device))
 
 
 def _summed(count: int, device: torch.device) -> int:
@@ -164,4 +180,4 @@ def _summed(count: int, device: torch.device) -> int:
     return int(total.item())
 
 
-__all__ = ["Rank", "from_environment", "gather", "merge", "predict_sharded", "process_group", "shard"]
+__all__ = ["Rank", "from_environment", "gather", "job_progress", "merge", "predict_sharded", "process_group", "shard"]

@@ -74,7 +74,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "batch", help="answer a JSONL file of requests, batched to a memory budget, resumable"
     )
-    options.add_model_arguments(parser, required=False)
+    options.add_model_arguments(parser)
     parser.add_argument("--requests", required=True, metavar="FILE.jsonl", help="id, images, prompt per line")
     parser.add_argument("--out", required=True, metavar="FILE.jsonl", help="answers, appended; resumed if present")
     size = parser.add_mutually_exclusive_group()

@@ -113,7 +113,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "calibrate", help="choose a trimming ratio from unlabelled requests (agreement with the full model)"
     )
-    options.add_model_arguments(parser, required=False)
+    options.add_model_arguments(parser)
     parser.add_argument(
         "--data",
         metavar="PATH",
