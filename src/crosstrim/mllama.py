@@ -95,20 +95,6 @@ class TrimStats:
 
 
 @dataclass
-class _Selection:
-    """Gather indices of one prefill, stored on its cache so decode steps reuse them."""
-
-    index: torch.Tensor  # (B, K) long
-    slot_valid: torch.Tensor  # (B, K) bool
-    full_tokens: int  # N
-    images: int  # image slots per row
-    dropped: torch.Tensor | None = None  # (B, N) bool, set with TrimConfig.summarize_dropped
-
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.index.to(device), self.slot_valid.to(device)
-
-
-@dataclass
 class _Step:
     """State of one decoder forward call; later cross layers share the gathered tensors."""
 
@@ -118,7 +104,7 @@ class _Step:
     images: bool = False  # the call carries image features (a prefill)
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
-    selection: _Selection | None = None
+    selection: method.Selection | None = None  # the prefill's, also stored on its cache for the decode steps
     prefill: bool = False
     gathered: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
     received: set[int] = field(default_factory=set)  # later layers that got the gathered features
@@ -386,9 +372,8 @@ class TrimHandle:
                 )
             keep = self._select_per_image(scores, valid, tokens)
         # A sample with no image keeps nothing: the batch keeps its trimmed width (README, "Batches").
-        index, slot_valid = method.keep_to_index(keep, min_width=1)
         dropped = valid & ~keep if self.config.summarize_dropped and not self.config.is_identity else None
-        step.selection = _Selection(index, slot_valid, tokens, self._images(tokens), dropped)
+        step.selection = method.Selection.from_keep(keep, self._images(tokens), dropped)
         step.prefill = True
         step.query = step.key = None
         valid_counts = valid.sum(-1).tolist()
@@ -480,10 +465,10 @@ class TrimHandle:
                     f"cross_attention_mask covers {mask.shape[-1]} image tokens but the prefill had "
                     f"{selection.full_tokens}; start a new generation for a new image"
                 )
-            kwargs["cross_attention_mask"] = self._shared(step, 0, device, lambda: _gathered_mask(mask, selection))
+            kwargs["cross_attention_mask"] = self._shared(step, 0, device, lambda: selection.mask(mask))
         if states is not None:
             flat = states.reshape(hidden.shape[0], -1, states.shape[-1])
-            kwargs["cross_attention_states"] = self._shared(step, 1, device, lambda: _gathered_states(flat, selection))
+            kwargs["cross_attention_states"] = self._shared(step, 1, device, lambda: selection.features(flat))
         return args, kwargs
 
     @staticmethod
@@ -525,30 +510,26 @@ class TrimHandle:
         if self.config.trim_first_layer_cache:
             keys, values = _cached(step.cache, self._layers[0])
             layer = step.cache.layers[self._layers[0]]
-            index, slot_valid = selection.on(keys.device)
-            layer.keys = method.gather_cache(keys, index, slot_valid)
-            layer.values = method.gather_cache(values, index, slot_valid)
-        width = selection.index.shape[1] + (selection.images if selection.dropped is not None else 0)
+            layer.keys, layer.values = selection.cache(keys), selection.cache(values)
         for idx in self._trimmed:
             keys, values = _cached(step.cache, idx)
-            if keys.shape[-2] != width or values.shape[-2] != width:
+            if keys.shape[-2] != selection.width or values.shape[-2] != selection.width:
                 raise _drift(
                     f"after prefill, cross-attention layer {idx} caches {keys.shape[-2]} image tokens, "
-                    f"not the {width} kept"
+                    f"not the {selection.width} kept"
                 )
 
     # -- accounting ------------------------------------------------------------------------------
 
     def _stats(
-        self, selection: _Selection, kept: list[int], valid: list[int], batch: int, dtype: torch.dtype
+        self, selection: method.Selection, kept: list[int], valid: list[int], batch: int, dtype: torch.dtype
     ) -> TrimStats:
         text_config = self._text.config
         kv_heads = text_config.num_key_value_heads
         head_dim = text_config.hidden_size // text_config.num_attention_heads
         size = torch.empty((), dtype=dtype).element_size()
         full = memory.layer_kv_bytes(batch, selection.full_tokens, kv_heads, head_dim, size)
-        summaries = selection.images if selection.dropped is not None else 0
-        slim = memory.layer_kv_bytes(batch, selection.index.shape[1] + summaries, kv_heads, head_dim, size)
+        slim = memory.layer_kv_bytes(batch, selection.width, kv_heads, head_dim, size)
         trimmed = len(self._layers) - (0 if self.config.trim_first_layer_cache else 1)
         index_cpu = selection.index.cpu()
         return TrimStats(
@@ -562,26 +543,8 @@ class TrimHandle:
             kv_bytes_full=full * len(self._layers),
             kv_bytes_kept=slim * trimmed + full * (len(self._layers) - trimmed),
             kv_bytes_per_token=memory.layer_kv_bytes(1, 1, kv_heads, head_dim, size),
-            summary_tokens=summaries,
+            summary_tokens=selection.summary_slots,
         )
-
-
-def _gathered_mask(mask: torch.Tensor, selection: _Selection) -> torch.Tensor:
-    """The additive mask over the kept slots, then the summary tokens' columns if there are any."""
-    gathered = method.gather_mask(mask, *selection.on(mask.device))
-    if selection.dropped is None:
-        return gathered
-    summaries = method.summary_mask(mask, selection.dropped.to(mask.device), selection.images)
-    return torch.cat([gathered, summaries], dim=-1)
-
-
-def _gathered_states(states: torch.Tensor, selection: _Selection) -> torch.Tensor:
-    """The kept image features ``(B, K, D)``, then one summary token per image if there are any."""
-    gathered = method.gather_tokens(states, *selection.on(states.device))
-    if selection.dropped is None:
-        return gathered
-    summaries = method.summary_tokens(states, selection.dropped.to(states.device), selection.images)
-    return torch.cat([gathered, summaries], dim=1)
 
 
 def trim(model: nn.Module, config: TrimConfig | None = None) -> TrimHandle:
