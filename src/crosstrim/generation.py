@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from crosstrim.method import Selection
-from crosstrim.mllama import _HANDLE_ATTR, _SELECTION_ATTR, TrimStats
+from crosstrim.mllama import _HANDLE_ATTR, _SELECTION_ATTR, FirstLayerScores, TrimStats
 
 # Inputs that have one row per sample and go into the prefill forward; generate gets the rest.
 _PREFILL_INPUTS = (
@@ -115,6 +115,7 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
         setattr(cache, _SELECTION_ATTR, Selection.concatenate(selections).repeat_interleave(expand))
     if handle is not None:
         handle._calls.stats = _merge_stats([part.stats for part in parts], expand)
+        handle._calls.scores = _merge_scores([part.scores for part in parts], expand)
     if expand > 1:
         for layer in cache.layers:
             layer.keys = layer.keys.repeat_interleave(expand, dim=0)
@@ -144,6 +145,7 @@ class _Part:
     cache: Any
     selection: Selection | None
     stats: TrimStats | None
+    scores: FirstLayerScores | None  # recorded with TrimHandle.record_scores only
     logits: torch.Tensor
     output_type: type
 
@@ -165,6 +167,7 @@ def _prefill(model: nn.Module, handle: Any, inputs: dict[str, torch.Tensor]) -> 
         cache=cache,
         selection=getattr(cache, _SELECTION_ATTR, None) if handle is not None else None,
         stats=handle.stats if handle is not None else None,
+        scores=handle.scores if handle is not None else None,
         logits=out.logits[:, -1:],
         output_type=type(out),
     )
@@ -321,6 +324,15 @@ def _merge_stats(parts: list[TrimStats], expand: int) -> TrimStats:
         kv_bytes_full=sum(part.kv_bytes_full for part in parts) * expand,
         kv_bytes_kept=batch * slots * first.kv_bytes_per_token,
     )
+
+
+def _merge_scores(parts: list[FirstLayerScores | None], expand: int) -> FirstLayerScores | None:
+    """The first-layer scores a one-shot prefill of the whole (expanded) batch records (``None`` unrecorded)."""
+    if parts[0] is None:
+        return None
+    scores = torch.cat([part.scores for part in parts]).repeat_interleave(expand, dim=0)  # type: ignore[union-attr]
+    valid = torch.cat([part.valid for part in parts]).repeat_interleave(expand, dim=0)  # type: ignore[union-attr]
+    return FirstLayerScores(parts[0].layer, scores, valid)
 
 
 __all__ = ["generate"]

@@ -94,6 +94,20 @@ class TrimStats:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class FirstLayerScores:
+    """What the first cross-attention layer scored at a prefill: the method's input to selection.
+
+    Recorded only when ``TrimHandle.record_scores`` is set (``handle.scores``), so trimming stores
+    nothing extra by default. The first layer attends every image token, trimmed or not, so these
+    are also the untrimmed model's first-layer attention (what ``crosstrim viz`` draws).
+    """
+
+    layer: int  # the first cross-attention layer's index in the text decoder
+    scores: torch.Tensor  # (B, H, N) float32: per head, softmax weights summed over the scoring rows
+    valid: torch.Tensor  # (B, N) bool: image tokens some scoring row may attend (padding tiles are not)
+
+
 @dataclass
 class _Step:
     """State of one decoder forward call; later cross layers share the gathered tensors."""
@@ -111,7 +125,7 @@ class _Step:
 
 
 class _CallState(threading.local):
-    """What belongs to a call, per thread: the running decoder call and the last prefill's stats.
+    """What belongs to a call, per thread: the running decoder call, the last prefill's stats and scores.
 
     Threads sharing one trimmed model each see their own calls, so no call reads another's
     captured queries, selection or gathered tensors, and ``TrimHandle.stats`` is the calling
@@ -120,6 +134,7 @@ class _CallState(threading.local):
 
     step: _Step | None = None
     stats: TrimStats | None = None
+    scores: FirstLayerScores | None = None
 
 
 def _drift(detail: str) -> RuntimeError:
@@ -215,6 +230,10 @@ def _check_cache(cache: Any, layers: list[int]) -> None:
 class TrimHandle:
     """A model patched by :func:`trim`. ``stats`` describes the last prefill; ``remove()`` undoes it.
 
+    Set ``record_scores = True`` to also keep the first cross-attention layer's per-head scores of
+    every prefill in ``scores`` (a :class:`FirstLayerScores`, computed even by methods and ratios
+    that select without them); off by default, so the hot path stores nothing extra.
+
     ``copy.deepcopy`` of a trimmed model gives a trimmed copy with its own handle (its hooks are
     bound methods, copied with the model), reachable as ``TrimHandle.of(copy)``.
     """
@@ -230,6 +249,7 @@ class TrimHandle:
         vision = model.config.vision_config
         self.model = model
         self.config = config
+        self.record_scores = False
         self._text = text
         self._layers = layers
         # Layers whose cache holds only the kept tokens after prefill (and whose decode masks are gathered).
@@ -264,6 +284,14 @@ class TrimHandle:
         Per thread, so that threads sharing one trimmed model each read their own call's stats.
         """
         return self._calls.stats
+
+    @property
+    def scores(self) -> FirstLayerScores | None:
+        """The first cross-attention layer's scores at the calling thread's last prefill.
+
+        ``None`` unless that prefill ran with ``record_scores`` set. Per thread, as :attr:`stats`.
+        """
+        return self._calls.scores
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -341,7 +369,8 @@ class TrimHandle:
         states = kwargs.get("cross_attention_states")
         if step is None or states is None:
             return  # decode step: the first layer reads its cache
-        if self.config.needs_scores and (step.query is None or step.key is None):
+        scoring = self.config.needs_scores or self.record_scores
+        if scoring and (step.query is None or step.key is None):
             raise _drift("the first cross-attention layer ran without calling `cross_attn.q_norm` / `k_norm`")
         mask = kwargs.get("cross_attention_mask")
         if mask is None:
@@ -361,16 +390,12 @@ class TrimHandle:
             kwargs.get("full_text_row_masked_out_mask"), step.attention_mask, batch, length, device
         )
         valid = method.valid_tokens(mask, rows)
-        if self.config.is_identity:
-            keep = torch.ones_like(valid)
-        else:
-            scores = None
-            if self.config.needs_scores:
-                attn = layer.cross_attn
-                scores = method.attention_scores(
-                    step.query, step.key, mask, rows, attn.scaling, self.config.score_chunk_elements
-                )
-            keep = self._select_per_image(scores, valid, tokens)
+        scores = None
+        if scoring:
+            attn, chunk = layer.cross_attn, self.config.score_chunk_elements
+            scores = method.attention_scores(step.query, step.key, mask, rows, attn.scaling, chunk)
+        self._calls.scores = FirstLayerScores(self._layers[0], scores, valid) if self.record_scores else None
+        keep = torch.ones_like(valid) if self.config.is_identity else self._select_per_image(scores, valid, tokens)
         # A sample with no image keeps nothing: the batch keeps its trimmed width (README, "Batches").
         dropped = valid & ~keep if self.config.summarize_dropped and not self.config.is_identity else None
         step.selection = method.Selection.from_keep(keep, self._images(tokens), dropped)
