@@ -14,7 +14,7 @@ How, with transformers' own decoding loop:
    concatenate; trimmed cross layers hold ``K_i`` kept slots per micro-batch and are padded to the
    largest ``K`` with masked slots (between the kept slots and the summary tokens of
    ``summarize_dropped``), exactly the layout a one-shot prefill of the whole batch builds; the
-   selections and :class:`~crosstrim.TrimStats` are merged the same way;
+   selections, :class:`~crosstrim.TrimStats` and any recorded first-layer scores are merged the same way;
 3. ``model.generate`` is called with the merged cache and without the image inputs; it sees the
    prompt's last token as not yet cached, and its first forward call is answered with the
    prefill's own logits for that token (see :func:`_prefilled`), so decoding starts exactly where

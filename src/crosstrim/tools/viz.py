@@ -42,9 +42,9 @@ def cross_attention(model, inputs: dict[str, torch.Tensor], first: FirstLayerSco
 
     The first layer's is what the trim handle scored (``first``, recorded with
     ``TrimHandle.record_scores``): that layer attends every image token, trimmed or not. The later
-    layers, which the method never scores, are scored the same way, with
-    :func:`crosstrim.method.attention_scores` on their own ``q_norm``/``k_norm`` outputs in one
-    untrimmed prefill (sdpa, no eager attention needed) and the scoring rows the first layer used.
+    layers, which the method never scores, are scored here the same way: their own
+    ``q_norm``/``k_norm`` outputs in one untrimmed prefill (sdpa, no eager attention needed), with
+    :func:`crosstrim.method.attention_scores` over the same scoring rows.
     """
     text = model.model.language_model
     layers = tuple(sorted(int(i) for i in text.config.cross_attention_layers))
