@@ -144,9 +144,10 @@ def test_budget_is_robust_to_float_noise():
 
 @settings(max_examples=60, deadline=None)
 @given(scored())
-def test_keep_to_index_round_trips_in_spatial_order(data):
+def test_selection_from_keep_round_trips_in_spatial_order(data):
     _, keep = data
-    index, slot_valid = method.keep_to_index(keep)
+    selection = method.Selection.from_keep(keep)
+    index, slot_valid = selection.index, selection.slot_valid
     assert index.shape[1] == int(keep.sum(-1).max())
     rebuilt = torch.zeros_like(keep)
     for b in range(keep.shape[0]):
@@ -156,18 +157,18 @@ def test_keep_to_index_round_trips_in_spatial_order(data):
     assert torch.equal(rebuilt, keep)
 
 
-def test_gather_mask_masks_padding_slots_and_keeps_uniform_rows():
+def test_selection_mask_masks_padding_slots_and_keeps_uniform_rows():
     minimum = torch.finfo(torch.float32).min
     mask = torch.tensor([[[[0.0, minimum, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]], [[[0.0, 0.0, minimum, 0.0], [0.0] * 4]]])
     keep = torch.tensor([[True, True, False, True], [False, True, False, False]])
-    index, slot_valid = method.keep_to_index(keep)
-    out = method.gather_mask(mask, index, slot_valid)
+    selection = method.Selection.from_keep(keep)
+    out = selection.mask(mask)
     assert out.shape == (2, 1, 2, 3)
     assert out[0, 0, 0].tolist() == [0.0, minimum, 0.0]
     assert out[0, 0, 1].tolist() == [0.0, 0.0, 0.0]  # a fully-masked row stays uniform over kept tokens
     assert out[1, 0, 1].tolist() == [0.0, minimum, minimum]  # ... and never reaches padding slots
     states = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
-    assert torch.equal(method.gather_tokens(states, index)[0], states[0, [0, 1, 3]])
+    assert torch.equal(selection.features(states)[0], states[0, [0, 1, 3]])
 
 
 def eager_scores(query, key, mask, rows, scaling):
@@ -232,7 +233,8 @@ def test_summary_token_attends_like_every_dropped_token_replaced_by_their_mean(b
 
     # Reference: every dropped token replaced by its image's dropped mean, nothing removed.
     replaced = states.clone()
-    means = method.summary_tokens(states, dropped, images)
+    selection = method.Selection.from_keep(keep, images, dropped)
+    means = selection.features(states)[:, selection.kept_slots :]
     for b in range(batch):
         for i in range(images):
             span = slice(i * per_image, (i + 1) * per_image)
@@ -242,9 +244,8 @@ def test_summary_token_attends_like_every_dropped_token_replaced_by_their_mean(b
     unmasked = mask.masked_fill(~(keep | valid)[:, None, None, :], minimum)[:, 0]
     reference = torch.softmax(query @ replaced.transpose(1, 2) + unmasked, -1) @ replaced
 
-    index, slot_valid = method.keep_to_index(keep)
-    kept = torch.cat([method.gather_tokens(states, index), means], 1)
-    kept_mask = torch.cat([method.gather_mask(mask, index, slot_valid), method.summary_mask(mask, dropped, images)], -1)
+    kept = selection.features(states)
+    kept_mask = selection.mask(mask)
     got = torch.softmax(query @ kept.transpose(1, 2) + kept_mask[:, 0], -1) @ kept
     torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
 
@@ -254,6 +255,132 @@ def test_summary_mask_masks_images_that_dropped_nothing_and_rows_that_cannot_see
     mask = torch.zeros(1, 1, 2, 6)
     mask[0, 0, 1, 3:] = minimum  # row 1 cannot see image 1
     dropped = torch.tensor([[False, False, False, True, True, False]])
-    columns = method.summary_mask(mask, dropped, images=2)
+    columns = method.Selection.from_keep(~dropped, images=2, dropped=dropped).mask(mask)[..., -2:]
     assert columns[0, 0, :, 0].tolist() == [minimum, minimum]  # image 0 dropped nothing
     assert columns[0, 0, 0, 1].item() == pytest.approx(math.log(2)) and columns[0, 0, 1, 1].item() == minimum
+
+
+@st.composite
+def selections(draw, batch=None):
+    """A keep mask (B, N) over ``images`` image slots, the dropped mask (or None) and features (B, N, D)."""
+    b = draw(st.integers(1, 3)) if batch is None else batch
+    images, per_image = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    tokens = images * per_image
+    valid = torch.rand(b, tokens, generator=gen) < draw(st.floats(0.0, 1.0))
+    keep = valid & (torch.rand(b, tokens, generator=gen) < draw(st.floats(0.0, 1.0)))
+    dropped = valid & ~keep if draw(st.booleans()) else None
+    return keep, images, dropped, gen
+
+
+def brute_force(keep, images, dropped, states, mask, cache):
+    """Features, mask and cache over the kept slots, one row and slot at a time."""
+    batch, tokens = keep.shape
+    minimum = torch.finfo(mask.dtype).min
+    width = max(1, int(keep.sum(-1).max()))
+    summaries = images if dropped is not None else 0
+    per_image = tokens // images
+    features = torch.zeros(batch, width + summaries, states.shape[-1])
+    columns = torch.full((batch, 1, mask.shape[2], width + summaries), minimum)
+    cached = torch.zeros(batch, cache.shape[1], width, cache.shape[-1])
+    for b in range(batch):
+        for slot, token in enumerate(i for i in range(tokens) if keep[b, i]):
+            features[b, slot] = states[b, token]
+            columns[b, 0, :, slot] = mask[b, 0, :, token]
+            cached[b, :, slot] = cache[b, :, token]
+        for image in range(summaries):
+            span = [i for i in range(image * per_image, (image + 1) * per_image) if dropped[b, i]]
+            if span:
+                features[b, width + image] = states[b, span].mean(0)
+            for row in range(mask.shape[2]):
+                sees = any(mask[b, 0, row, i] == 0 for i in range(image * per_image, (image + 1) * per_image))
+                if span and sees:
+                    columns[b, 0, row, width + image] = math.log(len(span))
+    return features, columns, cached
+
+
+@settings(max_examples=80, deadline=None)
+@given(selections())
+def test_selection_gathers_features_masks_and_caches_alike_and_as_a_loop_does(drawn):
+    keep, images, dropped, gen = drawn
+    batch, tokens = keep.shape
+    minimum = torch.finfo(torch.float32).min
+    states = torch.randn(batch, tokens, 5, generator=gen)
+    mask = torch.where(torch.rand(batch, 1, 3, tokens, generator=gen) < 0.3, minimum, 0.0)
+    cache = torch.randn(batch, tokens, 2, 4, generator=gen).transpose(1, 2)  # strided, as Mllama caches it
+    selection = method.Selection.from_keep(keep, images, dropped)
+    features, columns, cached = brute_force(keep, images, dropped, states, mask, cache)
+    assert selection.width == features.shape[1] == selection.kept_slots + (images if dropped is not None else 0)
+    torch.testing.assert_close(selection.features(states), features, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(selection.mask(mask), columns)
+    # The three layouts agree: a features tensor is a cache with one group, contiguous or not.
+    kept = method.Selection.from_keep(keep, images)
+    assert torch.equal(kept.cache(cache), cached)
+    assert torch.equal(kept.cache(cache.contiguous()), cached)
+    assert torch.equal(kept.cache(states[:, None]), kept.features(states)[:, None])
+    assert torch.equal(kept.features(states.transpose(0, 1).contiguous().transpose(0, 1)), kept.features(states))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(selections(), min_size=1, max_size=3), st.integers(1, 3))
+def test_selections_concatenate_as_their_keep_masks_do_and_repeat_for_beams(parts, repeats):
+    images, summarize = parts[0][1], parts[0][2] is not None
+    tokens = parts[0][0].shape[1]
+    gen = parts[0][3]
+    keeps, droppeds = [], []
+    for keep, _, _, _ in parts:  # every part over the first one's image layout and summary setting
+        keep = torch.nn.functional.pad(keep, (0, max(0, tokens - keep.shape[1])))[:, :tokens]
+        keeps.append(keep)
+        droppeds.append(~keep & (torch.rand(keep.shape, generator=gen) < 0.5) if summarize else None)
+    selections = [method.Selection.from_keep(k, images, d) for k, d in zip(keeps, droppeds)]
+    merged = method.Selection.concatenate(selections)
+    whole = method.Selection.from_keep(torch.cat(keeps), images, torch.cat(droppeds) if summarize else None)
+    assert torch.equal(merged.index, whole.index) and torch.equal(merged.slot_valid, whole.slot_valid)
+    assert (merged.dropped is None) == (not summarize)
+    if summarize:
+        assert torch.equal(merged.dropped, whole.dropped)
+    # What every part gathered, widened to the merged width, is what the merged selection gathers.
+    states = [torch.randn(k.shape[0], tokens, 3, generator=gen) for k in keeps]
+    widened = [s.widen(s.features(x), merged.kept_slots, dim=1) for s, x in zip(selections, states)]
+    assert torch.equal(torch.cat(widened), merged.features(torch.cat(states)))
+    caches = [x.view(x.shape[0], 1, tokens, 3) for x in states]
+    plain = [method.Selection.from_keep(k, images) for k in keeps]
+    widened = [s.widen(s.cache(c), merged.kept_slots, dim=2) for s, c in zip(plain, caches)]
+    assert torch.equal(torch.cat(widened), method.Selection.concatenate(plain).cache(torch.cat(caches)))
+    # Beams: every row repeated in place is the selection of the repeated keep masks.
+    beams = merged.repeat_interleave(repeats)
+    again = method.Selection.from_keep(
+        torch.cat(keeps).repeat_interleave(repeats, 0),
+        images,
+        torch.cat(droppeds).repeat_interleave(repeats, 0) if summarize else None,
+    )
+    assert torch.equal(beams.index, again.index) and torch.equal(beams.slot_valid, again.slot_valid)
+    if summarize:
+        assert torch.equal(beams.dropped, again.dropped)
+
+
+def test_selection_refuses_tensors_and_partners_it_does_not_fit():
+    keep = torch.tensor([[True, False, True, False]])
+    selection = method.Selection.from_keep(keep, images=2)
+    assert selection.kept_slots == 2 and method.Selection.from_keep(torch.zeros(2, 4, dtype=torch.bool)).kept_slots == 1
+    with pytest.raises(ValueError, match=r"features \(B, N, D\) tensor with B=1, N=4; got \(1, 5, 3\)"):
+        selection.features(torch.zeros(1, 5, 3))
+    with pytest.raises(ValueError, match=r"additive mask \(B, 1, L, N\) tensor with B=1, N=4; got \(2, 1, 3, 4\)"):
+        selection.mask(torch.zeros(2, 1, 3, 4))
+    with pytest.raises(ValueError, match="cache tensor"):
+        selection.cache(torch.zeros(1, 4, 3))
+    summarized = method.Selection.from_keep(keep, images=2, dropped=~keep)
+    with pytest.raises(ValueError, match="summary slots come from features, not from a cache"):
+        summarized.cache(torch.zeros(1, 2, 4, 3))
+    with pytest.raises(ValueError, match="same image tokens, image slots and summary setting"):
+        method.Selection.concatenate([selection, summarized])
+    with pytest.raises(ValueError, match="expected 2 slots along dim 1"):
+        selection.widen(torch.zeros(1, 3, 5), 4, dim=1)
+    with pytest.raises(ValueError, match="cannot narrow 2 kept slots to 1"):
+        selection.widen(torch.zeros(1, 2, 5), 1, dim=1)
+    with pytest.raises(ValueError, match="keep must be a"):
+        method.Selection.from_keep(torch.ones(4))
+    with pytest.raises(ValueError, match="do not split into 3 image slots"):
+        method.Selection.from_keep(keep, images=3)
+    with pytest.raises(ValueError, match=r"dropped must be \(B, N\) = \(1, 4\)"):
+        method.Selection.from_keep(keep, dropped=torch.ones(1, 3, dtype=torch.bool))

@@ -47,7 +47,7 @@ class TrimConfig:
         summarize_dropped: not in the paper. Later cross-attention layers also attend one extra token
             per image that stands in for everything it dropped: the mean of the dropped features,
             with its attention logit raised by ``log(dropped count)`` so it receives about the
-            attention they would have had (see :func:`crosstrim.method.summary_tokens`). Without it
+            attention they would have had (see :meth:`crosstrim.method.Selection.features`). Without it
             the kept tokens share all the attention, which skews anything read from attention shares
             (the testbed model over-counts). Costs one cached token per image and layer; needs
             ``trim_first_layer_cache=False``.

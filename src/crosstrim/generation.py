@@ -14,7 +14,7 @@ How, with transformers' own decoding loop:
    concatenate; trimmed cross layers hold ``K_i`` kept slots per micro-batch and are padded to the
    largest ``K`` with masked slots (between the kept slots and the summary tokens of
    ``summarize_dropped``), exactly the layout a one-shot prefill of the whole batch builds; the
-   selections and :class:`~crosstrim.TrimStats` are merged the same way;
+   selections, :class:`~crosstrim.TrimStats` and any recorded first-layer scores are merged the same way;
 3. ``model.generate`` is called with the merged cache and without the image inputs; it sees the
    prompt's last token as not yet cached, and its first forward call is answered with the
    prefill's own logits for that token (see :func:`_prefilled`), so decoding starts exactly where
@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from crosstrim.mllama import _HANDLE_ATTR, _SELECTION_ATTR, TrimStats, _Selection
+from crosstrim.method import Selection
+from crosstrim.mllama import _HANDLE_ATTR, _SELECTION_ATTR, FirstLayerScores, TrimStats
 
 # Inputs that have one row per sample and go into the prefill forward; generate gets the rest.
 _PREFILL_INPUTS = (
@@ -110,9 +111,10 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     trimmed = set() if handle is None else set(layers if handle.config.trim_first_layer_cache else layers[1:])
     cache = _merge_caches([part.cache for part in parts], selections, trimmed)
     if selections[0] is not None:
-        setattr(cache, _SELECTION_ATTR, _expand_selection(_merge_selections(selections), expand))
+        setattr(cache, _SELECTION_ATTR, Selection.concatenate(selections).repeat_interleave(expand))
     if handle is not None:
         handle._calls.stats = _merge_stats([part.stats for part in parts], expand)
+        handle._calls.scores = _merge_scores([part.scores for part in parts], expand)
     if expand > 1:
         for layer in cache.layers:
             layer.keys = layer.keys.repeat_interleave(expand, dim=0)
@@ -140,8 +142,9 @@ class _Part:
     """What the prefill of one micro-batch leaves: its cache, selection, stats and last-token logits."""
 
     cache: Any
-    selection: _Selection | None
+    selection: Selection | None
     stats: TrimStats | None
+    scores: FirstLayerScores | None  # recorded with TrimHandle.record_scores only
     logits: torch.Tensor
     output_type: type
 
@@ -163,6 +166,7 @@ def _prefill(model: nn.Module, handle: Any, inputs: dict[str, torch.Tensor]) -> 
         cache=cache,
         selection=getattr(cache, _SELECTION_ATTR, None) if handle is not None else None,
         stats=handle.stats if handle is not None else None,
+        scores=handle.scores if handle is not None else None,
         logits=out.logits[:, -1:],
         output_type=type(out),
     )
@@ -273,56 +277,27 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def _merge_caches(caches: list, selections: list[_Selection | None], trimmed: set[int]) -> Any:
+def _merge_caches(caches: list, selections: list[Selection | None], trimmed: set[int]) -> Any:
     """One cache for the whole batch, built layer by layer into the first micro-batch's cache object.
 
     A trimmed layer of micro-batch ``i`` holds ``K_i`` kept slots (then one summary token per image
     slot with ``summarize_dropped``); every micro-batch is widened to the largest ``K`` with zero
-    slots after its kept ones. Those slots are masked (``slot_valid`` False in the merged
-    selection), as the padding slots of a one-shot prefill are. Each layer's pieces are released as
-    soon as it is merged, so merging needs one layer's worth of extra memory.
+    slots after its kept ones (:meth:`Selection.widen`). Those slots are masked (``slot_valid``
+    False in :meth:`Selection.concatenate` of the selections), as the padding slots of a one-shot
+    prefill are. Each layer's pieces are released as soon as it is merged, so merging needs one
+    layer's worth of extra memory.
     """
     merged = caches[0]
-    width = max(s.index.shape[1] for s in selections) if selections[0] is not None else 0
+    width = max(s.kept_slots for s in selections) if selections[0] is not None else 0
     for idx in range(len(merged.layers)):
         for name in ("keys", "values"):
             pieces = [getattr(cache.layers[idx], name) for cache in caches]
             if idx in trimmed and selections[0] is not None:
-                pieces = [_widen(piece, s.index.shape[1], width) for piece, s in zip(pieces, selections)]
+                pieces = [s.widen(piece, width, dim=2) for piece, s in zip(pieces, selections)]
             setattr(merged.layers[idx], name, torch.cat(pieces, dim=0))
             for cache in caches[1:]:
                 setattr(cache.layers[idx], name, None)
     return merged
-
-
-def _widen(tensor: torch.Tensor, kept: int, width: int) -> torch.Tensor:
-    """Insert ``width - kept`` zero slots after the first ``kept`` slots of a ``(B, G, slots, d)`` cache tensor."""
-    if kept == width:
-        return tensor
-    batch, heads, _, dim = tensor.shape
-    padding = tensor.new_zeros(batch, heads, width - kept, dim)
-    return torch.cat([tensor[:, :, :kept], padding, tensor[:, :, kept:]], dim=2)
-
-
-def _merge_selections(selections: list[_Selection]) -> _Selection:
-    """The micro-batches' selections as one: indices padded to the widest with invalid slots."""
-    width = max(s.index.shape[1] for s in selections)
-    index = torch.cat([nn.functional.pad(s.index, (0, width - s.index.shape[1])) for s in selections])
-    slot_valid = torch.cat([nn.functional.pad(s.slot_valid, (0, width - s.slot_valid.shape[1])) for s in selections])
-    dropped = None if selections[0].dropped is None else torch.cat([s.dropped for s in selections])
-    return dataclasses.replace(selections[0], index=index, slot_valid=slot_valid, dropped=dropped)
-
-
-def _expand_selection(selection: _Selection, expand: int) -> _Selection:
-    if expand == 1:
-        return selection
-    dropped = None if selection.dropped is None else selection.dropped.repeat_interleave(expand, dim=0)
-    return dataclasses.replace(
-        selection,
-        index=selection.index.repeat_interleave(expand, dim=0),
-        slot_valid=selection.slot_valid.repeat_interleave(expand, dim=0),
-        dropped=dropped,
-    )
 
 
 def _merge_stats(parts: list[TrimStats], expand: int) -> TrimStats:
@@ -348,6 +323,15 @@ def _merge_stats(parts: list[TrimStats], expand: int) -> TrimStats:
         kv_bytes_full=sum(part.kv_bytes_full for part in parts) * expand,
         kv_bytes_kept=batch * slots * first.kv_bytes_per_token,
     )
+
+
+def _merge_scores(parts: list[FirstLayerScores | None], expand: int) -> FirstLayerScores | None:
+    """The first-layer scores a one-shot prefill of the whole (expanded) batch records (``None`` unrecorded)."""
+    if parts[0] is None:
+        return None
+    scores = torch.cat([part.scores for part in parts]).repeat_interleave(expand, dim=0)  # type: ignore[union-attr]
+    valid = torch.cat([part.valid for part in parts]).repeat_interleave(expand, dim=0)  # type: ignore[union-attr]
+    return FirstLayerScores(parts[0].layer, scores, valid)
 
 
 __all__ = ["generate"]

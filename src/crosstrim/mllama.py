@@ -97,18 +97,18 @@ class TrimStats:
         )
 
 
-@dataclass
-class _Selection:
-    """Gather indices of one prefill, stored on its cache so decode steps reuse them."""
+@dataclass(frozen=True, eq=False)
+class FirstLayerScores:
+    """What the first cross-attention layer scored at a prefill: the method's input to selection.
 
-    index: torch.Tensor  # (B, K) long
-    slot_valid: torch.Tensor  # (B, K) bool
-    full_tokens: int  # N
-    images: int  # image slots per row
-    dropped: torch.Tensor | None = None  # (B, N) bool, set with TrimConfig.summarize_dropped
+    Recorded only when ``TrimHandle.record_scores`` is set (``handle.scores``), so trimming stores
+    nothing extra by default. The first layer attends every image token, trimmed or not, so these
+    are also the untrimmed model's first-layer attention (what ``crosstrim viz`` draws).
+    """
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.index.to(device), self.slot_valid.to(device)
+    layer: int  # the first cross-attention layer's index in the text decoder
+    scores: torch.Tensor  # (B, H, N) float32: per head, softmax weights summed over the scoring rows
+    valid: torch.Tensor  # (B, N) bool: image tokens some scoring row may attend (padding tiles are not)
 
 
 @dataclass
@@ -121,14 +121,14 @@ class _Step:
     images: bool = False  # the call carries image features (a prefill)
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
-    selection: _Selection | None = None
+    selection: method.Selection | None = None  # the prefill's, also stored on its cache for the decode steps
     prefill: bool = False
     gathered: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
     received: set[int] = field(default_factory=set)  # later layers that got the gathered features
 
 
 class _CallState(threading.local):
-    """What belongs to a call, per thread: the running decoder call and the last prefill's stats.
+    """What belongs to a call, per thread: the running decoder call, the last prefill's stats and scores.
 
     Threads sharing one trimmed model each see their own calls, so no call reads another's
     captured queries, selection or gathered tensors, and ``TrimHandle.stats`` is the calling
@@ -137,6 +137,7 @@ class _CallState(threading.local):
 
     step: _Step | None = None
     stats: TrimStats | None = None
+    scores: FirstLayerScores | None = None
 
 
 def _drift(detail: str) -> RuntimeError:
@@ -232,6 +233,10 @@ def _check_cache(cache: Any, layers: list[int]) -> None:
 class TrimHandle:
     """A model patched by :func:`trim`. ``stats`` describes the last prefill; ``remove()`` undoes it.
 
+    Set ``record_scores = True`` to also keep the first cross-attention layer's per-head scores of
+    every prefill in ``scores`` (a :class:`FirstLayerScores`, computed even by methods and ratios
+    that select without them); off by default, so the hot path stores nothing extra.
+
     ``copy.deepcopy`` of a trimmed model gives a trimmed copy with its own handle (its hooks are
     bound methods, copied with the model), reachable as ``TrimHandle.of(copy)``.
     """
@@ -247,6 +252,7 @@ class TrimHandle:
         vision = model.config.vision_config
         self.model = model
         self.config = config
+        self.record_scores = False
         self._text = text
         self._layers = layers
         # Layers whose cache holds only the kept tokens after prefill (and whose decode masks are gathered).
@@ -281,6 +287,14 @@ class TrimHandle:
         Per thread, so that threads sharing one trimmed model each read their own call's stats.
         """
         return self._calls.stats
+
+    @property
+    def scores(self) -> FirstLayerScores | None:
+        """The first cross-attention layer's scores at the calling thread's last prefill.
+
+        ``None`` unless that prefill ran with ``record_scores`` set. Per thread, as :attr:`stats`.
+        """
+        return self._calls.scores
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -358,7 +372,8 @@ class TrimHandle:
         states = kwargs.get("cross_attention_states")
         if step is None or states is None:
             return  # decode step: the first layer reads its cache
-        if self.config.needs_scores and (step.query is None or step.key is None):
+        scoring = self.config.needs_scores or self.record_scores
+        if scoring and (step.query is None or step.key is None):
             raise _drift("the first cross-attention layer ran without calling `cross_attn.q_norm` / `k_norm`")
         mask = kwargs.get("cross_attention_mask")
         if mask is None:
@@ -378,20 +393,15 @@ class TrimHandle:
             kwargs.get("full_text_row_masked_out_mask"), step.attention_mask, batch, length, device
         )
         valid = method.valid_tokens(mask, rows)
-        if self.config.is_identity:
-            keep = torch.ones_like(valid)
-        else:
-            scores = None
-            if self.config.needs_scores:
-                attn = layer.cross_attn
-                scores = method.attention_scores(
-                    step.query, step.key, mask, rows, attn.scaling, self.config.score_chunk_elements
-                )
-            keep = self._select_per_image(scores, valid, tokens)
+        scores = None
+        if scoring:
+            attn, chunk = layer.cross_attn, self.config.score_chunk_elements
+            scores = method.attention_scores(step.query, step.key, mask, rows, attn.scaling, chunk)
+        self._calls.scores = FirstLayerScores(self._layers[0], scores, valid) if self.record_scores else None
+        keep = torch.ones_like(valid) if self.config.is_identity else self._select_per_image(scores, valid, tokens)
         # A sample with no image keeps nothing: the batch keeps its trimmed width (README, "Batches").
-        index, slot_valid = method.keep_to_index(keep, min_width=1)
         dropped = valid & ~keep if self.config.summarize_dropped and not self.config.is_identity else None
-        step.selection = _Selection(index, slot_valid, tokens, self._images(tokens), dropped)
+        step.selection = method.Selection.from_keep(keep, self._images(tokens), dropped)
         step.prefill = True
         step.query = step.key = None
         valid_counts = valid.sum(-1).tolist()
@@ -483,10 +493,10 @@ class TrimHandle:
                     f"cross_attention_mask covers {mask.shape[-1]} image tokens but the prefill had "
                     f"{selection.full_tokens}; start a new generation for a new image"
                 )
-            kwargs["cross_attention_mask"] = self._shared(step, 0, device, lambda: _gathered_mask(mask, selection))
+            kwargs["cross_attention_mask"] = self._shared(step, 0, device, lambda: selection.mask(mask))
         if states is not None:
             flat = states.reshape(hidden.shape[0], -1, states.shape[-1])
-            kwargs["cross_attention_states"] = self._shared(step, 1, device, lambda: _gathered_states(flat, selection))
+            kwargs["cross_attention_states"] = self._shared(step, 1, device, lambda: selection.features(flat))
         return args, kwargs
 
     @staticmethod
@@ -528,30 +538,26 @@ class TrimHandle:
         if self.config.trim_first_layer_cache:
             keys, values = _cached(step.cache, self._layers[0])
             layer = step.cache.layers[self._layers[0]]
-            index, slot_valid = selection.on(keys.device)
-            layer.keys = method.gather_cache(keys, index, slot_valid)
-            layer.values = method.gather_cache(values, index, slot_valid)
-        width = selection.index.shape[1] + (selection.images if selection.dropped is not None else 0)
+            layer.keys, layer.values = selection.cache(keys), selection.cache(values)
         for idx in self._trimmed:
             keys, values = _cached(step.cache, idx)
-            if keys.shape[-2] != width or values.shape[-2] != width:
+            if keys.shape[-2] != selection.width or values.shape[-2] != selection.width:
                 raise _drift(
                     f"after prefill, cross-attention layer {idx} caches {keys.shape[-2]} image tokens, "
-                    f"not the {width} kept"
+                    f"not the {selection.width} kept"
                 )
 
     # -- accounting ------------------------------------------------------------------------------
 
     def _stats(
-        self, selection: _Selection, kept: list[int], valid: list[int], batch: int, dtype: torch.dtype
+        self, selection: method.Selection, kept: list[int], valid: list[int], batch: int, dtype: torch.dtype
     ) -> TrimStats:
         text_config = self._text.config
         kv_heads = text_config.num_key_value_heads
         head_dim = text_config.hidden_size // text_config.num_attention_heads
         size = torch.empty((), dtype=dtype).element_size()
         full = memory.layer_kv_bytes(batch, selection.full_tokens, kv_heads, head_dim, size)
-        summaries = selection.images if selection.dropped is not None else 0
-        slim = memory.layer_kv_bytes(batch, selection.index.shape[1] + summaries, kv_heads, head_dim, size)
+        slim = memory.layer_kv_bytes(batch, selection.width, kv_heads, head_dim, size)
         trimmed = len(self._layers) - (0 if self.config.trim_first_layer_cache else 1)
         index_cpu = selection.index.cpu()
         return TrimStats(
@@ -565,26 +571,8 @@ class TrimHandle:
             kv_bytes_full=full * len(self._layers),
             kv_bytes_kept=slim * trimmed + full * (len(self._layers) - trimmed),
             kv_bytes_per_token=memory.layer_kv_bytes(1, 1, kv_heads, head_dim, size),
-            summary_tokens=summaries,
+            summary_tokens=selection.summary_slots,
         )
-
-
-def _gathered_mask(mask: torch.Tensor, selection: _Selection) -> torch.Tensor:
-    """The additive mask over the kept slots, then the summary tokens' columns if there are any."""
-    gathered = method.gather_mask(mask, *selection.on(mask.device))
-    if selection.dropped is None:
-        return gathered
-    summaries = method.summary_mask(mask, selection.dropped.to(mask.device), selection.images)
-    return torch.cat([gathered, summaries], dim=-1)
-
-
-def _gathered_states(states: torch.Tensor, selection: _Selection) -> torch.Tensor:
-    """The kept image features ``(B, K, D)``, then one summary token per image if there are any."""
-    gathered = method.gather_tokens(states, *selection.on(states.device))
-    if selection.dropped is None:
-        return gathered
-    summaries = method.summary_tokens(states, selection.dropped.to(states.device), selection.images)
-    return torch.cat([gathered, summaries], dim=1)
 
 
 def trim(model: nn.Module, config: TrimConfig | None = None) -> TrimHandle:

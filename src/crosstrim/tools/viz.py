@@ -23,6 +23,7 @@ from crosstrim.config import TrimConfig
 from crosstrim.evaluation import UserError, checkpoint, options
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import encode, predict
+from crosstrim.mllama import FirstLayerScores
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
 
@@ -36,47 +37,53 @@ class Attention:
     valid: torch.Tensor  # (N,) bool: tokens any scoring row may attend (padding tiles are not)
 
 
-def cross_attention(model, inputs: dict[str, torch.Tensor]) -> Attention:
-    """Aggregate attention of every cross-attention layer in one untrimmed prefill.
+def cross_attention(model, inputs: dict[str, torch.Tensor], first: FirstLayerScores) -> Attention:
+    """Aggregate attention of every cross-attention layer of the untrimmed model, for sample 0.
 
-    The layers' own ``q_norm``/``k_norm`` outputs are captured and scored with
-    :func:`crosstrim.method.attention_scores`, so the figure shows exactly what trimming scores,
-    under sdpa, with no eager attention needed.
+    The first layer's is what the trim handle scored (``first``, recorded with
+    ``TrimHandle.record_scores``): that layer attends every image token, trimmed or not. The later
+    layers, which the method never scores, are scored here the same way: their own
+    ``q_norm``/``k_norm`` outputs in one untrimmed prefill (sdpa, no eager attention needed), with
+    :func:`crosstrim.method.attention_scores` over the same scoring rows.
     """
     text = model.model.language_model
     layers = tuple(sorted(int(i) for i in text.config.cross_attention_layers))
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    masks: dict[str, torch.Tensor | None] = {}
+    scores = {first.layer: first.scores[0].sum(0).cpu()}
+    later = [idx for idx in layers if idx != first.layer]
+    if later:
+        captured: dict[tuple[int, str], torch.Tensor] = {}
+        masks: dict[str, torch.Tensor | None] = {}
 
-    def keep(key):
-        return lambda module, args, output: captured.__setitem__(key, output.detach())
+        def keep(key):
+            return lambda module, args, output: captured.__setitem__(key, output.detach())
 
-    def note_masks(module, args, kwargs):
-        masks["cross"] = kwargs.get("cross_attention_mask")
-        masks["rows"] = kwargs.get("full_text_row_masked_out_mask")
+        def note_masks(module, args, kwargs):
+            masks["cross"] = kwargs.get("cross_attention_mask")
+            masks["rows"] = kwargs.get("full_text_row_masked_out_mask")
 
-    hooks = [text.layers[layers[0]].register_forward_pre_hook(note_masks, with_kwargs=True)]
-    for idx in layers:
-        attn = text.layers[idx].cross_attn
-        hooks += [
-            attn.q_norm.register_forward_hook(keep((idx, "q"))),
-            attn.k_norm.register_forward_hook(keep((idx, "k"))),
-        ]
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    mask = masks["cross"]
-    query = captured[(layers[0], "q")]
-    rows = method.scoring_rows(masks["rows"], inputs.get("attention_mask"), query.shape[0], query.shape[2], mask.device)
-    scores = {}
-    for idx in layers:
-        attn = text.layers[idx].cross_attn
-        per_head = method.attention_scores(captured[(idx, "q")], captured[(idx, "k")], mask, rows, attn.scaling)
-        scores[idx] = per_head[0].sum(0).cpu()
-    return Attention(layers, scores, method.valid_tokens(mask, rows)[0].cpu())
+        hooks = [text.layers[later[0]].register_forward_pre_hook(note_masks, with_kwargs=True)]
+        for idx in later:
+            attn = text.layers[idx].cross_attn
+            hooks += [
+                attn.q_norm.register_forward_hook(keep((idx, "q"))),
+                attn.k_norm.register_forward_hook(keep((idx, "k"))),
+            ]
+        try:
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        mask = masks["cross"]
+        query = captured[(later[0], "q")]
+        rows = method.scoring_rows(
+            masks["rows"], inputs.get("attention_mask"), query.shape[0], query.shape[2], mask.device
+        )
+        for idx in later:
+            attn = text.layers[idx].cross_attn
+            per_head = method.attention_scores(captured[(idx, "q")], captured[(idx, "k")], mask, rows, attn.scaling)
+            scores[idx] = per_head[0].sum(0).cpu()
+    return Attention(layers, scores, first.valid[0].cpu())
 
 
 @dataclass(frozen=True)
@@ -147,11 +154,12 @@ def figure(item: Item, model, processor, config: TrimConfig, path: Path) -> dict
     from matplotlib.patches import Rectangle
 
     inputs = dict(encode(processor, [item], model.device))
-    attention = cross_attention(model, inputs)
-    view = canvas(model, processor, inputs)
     with crosstrim.trimmed(model, config) as handle, torch.no_grad():
+        handle.record_scores = True
         model(**inputs, use_cache=False)
     stats = handle.stats
+    attention = cross_attention(model, inputs, handle.scores)
+    view = canvas(model, processor, inputs)
     kept = {int(i) for i in stats.kept_indices[0]}
     full_answer = predict(model, processor, [item], None)[0].text
     trimmed_answer = predict(model, processor, [item], config)[0].text
