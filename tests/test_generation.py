@@ -203,7 +203,8 @@ def test_one_new_token_and_beams_from_a_generation_config(model, two_images):
 
 def test_an_image_less_sample_in_a_micro_batch_of_its_own(model, processor):
     """A sample without an image (zero tile mask and aspect ratio, as transformers 5's processor builds
-    it) keeps every token: its micro-batch's trimmed layers are as wide as the image, the other's narrower."""
+    it) keeps nothing: its micro-batch's trimmed layers hold one masked slot, the other's its kept tokens,
+    and the merged cache is as wide as the one-shot batch's."""
     batch = inputs(processor, ONE_IMAGE, seed=5)
     for key in ("cross_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask"):
         batch[key][2] = 0
@@ -211,4 +212,5 @@ def test_an_image_less_sample_in_a_micro_batch_of_its_own(model, processor):
     expected, expected_stats, got, stats = run_both(model, batch, config, **GREEDY, **DETAILED)
     assert_same_output(got, expected)
     assert_same_stats(stats, expected_stats)
-    assert stats.valid_counts[2] == 0 and stats.kept_counts[2] == stats.image_tokens > max(stats.kept_counts[:2])
+    assert stats.valid_counts[2] == 0 == stats.kept_counts[2] and len(stats.kept_indices[2]) == 0
+    assert min(stats.kept_counts[:2]) > 0
