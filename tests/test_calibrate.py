@@ -15,25 +15,26 @@ from PIL import Image
 from support import run_cli
 
 from crosstrim.config import TrimConfig
-from crosstrim.evaluation import calibration
-from crosstrim.evaluation.calibration import Answer, RequestRecord, Setting
+from crosstrim.evaluation import calibration, sweep
+from crosstrim.evaluation.calibration import Answer, RequestRecord
+from crosstrim.evaluation.sweep import Setting
 
 
 def test_wilson_interval_matches_hand_computed_values():
     # 8/10: centre (0.8 + z²/20) / (1 + z²/10) = 0.71674, half-width 0.22658 (z = 1.95996).
-    low, high = calibration.wilson_interval(8, 10)
+    low, high = sweep.wilson_interval(8, 10)
     assert low == pytest.approx(0.49016, abs=1e-5) and high == pytest.approx(0.94332, abs=1e-5)
     # 0/n and n/n: the interval has width z²/(n + z²), not zero as the normal approximation claims.
-    z2 = calibration.Z_95**2
-    assert calibration.wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
-    assert calibration.wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
-    assert calibration.wilson_interval(300, 300)[0] == pytest.approx(0.98736, abs=1e-5)
+    z2 = sweep.Z_95**2
+    assert sweep.wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
+    assert sweep.wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+    assert sweep.wilson_interval(300, 300)[0] == pytest.approx(0.98736, abs=1e-5)
     # The ends are exact (rounding gave 0.9999999999999998 for 300/300, and plots need p inside its interval).
-    assert all(calibration.wilson_interval(n, n)[1] == 1.0 and calibration.wilson_interval(0, n)[0] == 0.0
+    assert all(sweep.wilson_interval(n, n)[1] == 1.0 and sweep.wilson_interval(0, n)[0] == 0.0
                for n in (10, 300, 600))  # fmt: skip
     for bad in [(1, 0), (-1, 5), (6, 5)]:
         with pytest.raises(ValueError, match="successes"):
-            calibration.wilson_interval(*bad)
+            sweep.wilson_interval(*bad)
 
 
 def test_first_token_divergence_matches_hand_computed_values():
@@ -89,7 +90,7 @@ def test_recommendation_ties_go_to_the_smaller_cache_then_the_higher_agreement()
 
 
 def test_plan_sweeps_k_ratios_then_budgets_per_method_with_summary_variants():
-    settings = calibration.plan([0.25], [0.5], ["trimmed", "random"], summarize=True, seed=3)
+    settings = sweep.plan([0.25], [0.5], ["trimmed", "random"], summarize=True, seed=3)
     assert [s.label for s in settings] == [
         "trimmed k=0.25",
         "trimmed k=0.25 +summary",
@@ -122,7 +123,7 @@ def test_calibrate_cli_on_the_testbed_writes_table_json_and_plot(tmp_path, capsy
         assert set(s) == set(calibration.SettingResult.__dataclass_fields__)
         agree = sum(r["answers"][s["label"]]["text"] == r["full"] for r in result["requests"])
         assert s["agree"] == agree and s["agreement"] == agree / 6
-        assert (s["agreement_low"], s["agreement_high"]) == pytest.approx(calibration.wilson_interval(agree, 6))
+        assert (s["agreement_low"], s["agreement_high"]) == pytest.approx(sweep.wilson_interval(agree, 6))
         assert s["meets_target"] == (s["agreement_low"] >= 0.5)
         assert 0 < s["kept_fraction"] < 1 and s["kv_bytes_kept"] < s["kv_bytes_full"]
         assert 0 <= s["total_variation"] <= 1 and s["kl"] >= 0

@@ -11,6 +11,7 @@ from crosstrim import cli
 from crosstrim.evaluation import UserError, sources
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import Prediction
+from crosstrim.evaluation.sweep import Setting
 from crosstrim.testbed import data
 from crosstrim.tools import eval as evaluate
 
@@ -73,7 +74,7 @@ def test_summary_counts_correct_answers_per_category():
         Prediction("1", "yes", 1, 4, 100, 40),
         Prediction("2", "two", 4, 4),
     ]
-    run_ = evaluate.Run("x", "trimmed (k_ratio)", None)
+    run_ = Setting("x", "trimmed (k_ratio)", None)
     summary = evaluate.summarise(run_, sources.Dataset(items, sources.exact_match), preds)
     assert summary["accuracy"] == pytest.approx(2 / 3) and summary["official"] is None
     a = summary["per_category"]["a"]

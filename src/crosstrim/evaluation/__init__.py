@@ -15,3 +15,21 @@ it: :mod:`crosstrim.testbed`, :mod:`crosstrim.integrations` and :mod:`crosstrim.
 
 class UserError(Exception):
     """A problem with what the user asked for; the CLI prints it as one line and exits non-zero."""
+
+
+def versions() -> dict[str, str]:
+    """The library versions and platform a result was produced with, recorded in every results file."""
+    import platform
+
+    import torch
+    import transformers
+
+    import crosstrim
+
+    return {
+        "crosstrim": crosstrim.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }

@@ -26,31 +26,20 @@ vocabulary is 128k wide).
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 import crosstrim
-from crosstrim.config import TrimConfig
 from crosstrim.evaluation import UserError, checkpoint, distributed, sources
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import batches, encode
+from crosstrim.evaluation.sweep import Setting, wilson_interval
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One candidate: a label, the method family it belongs to (for the plot) and its trim config."""
-
-    label: str
-    family: str
-    config: TrimConfig
 
 
 @dataclass(frozen=True)
@@ -94,18 +83,6 @@ class SettingResult:
     kv_bytes_full: float
     kv_bytes_kept: float
     meets_target: bool
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval for a binomial proportion ``successes / n`` (95% for the default ``z``)."""
-    if n < 1 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n and n >= 1; got {successes} of {n}")
-    p = successes / n
-    scale = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / scale
-    half = z / scale * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # Exact at the ends: rounding would otherwise put 1.0 just above the upper end of n/n's interval.
-    return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
 
 
 def first_token_divergence(full_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,47 +190,6 @@ def recommend(results: Sequence[SettingResult]) -> SettingResult | None:
     ``None`` when no setting meets it."""
     passing = [r for r in results if r.meets_target]
     return min(passing, key=lambda r: (r.kept_fraction, r.kv_bytes_kept, -r.agreement), default=None)
-
-
-# The TrimConfig field each sweep flag sets, so a bad value is an error naming the flag (``crosstrim eval``'s).
-SWEEP_FLAGS = {"method": "--methods", "k_ratio": "--k-ratios", "keep_ratio": "--keep-ratios", "seed": "--seed"}
-
-
-def plan(
-    k_ratios: Sequence[float | str],
-    keep_ratios: Sequence[float | str],
-    methods: Sequence[str],
-    summarize: bool = False,
-    seed: int | str = 0,
-) -> list[Setting]:
-    """Candidates: ``trimmed`` at every k_ratio (adaptive kept count), every method at every exact
-    keep_ratio; with ``summarize`` each also with ``TrimConfig.summarize_dropped`` (``+summary``).
-    ``seed`` seeds the ``random`` method. Values may be the flags' strings: they are parsed by
-    :meth:`TrimConfig.from_options`, whose errors name the flags (``ValueError``)."""
-
-    def config(**options) -> TrimConfig:
-        return TrimConfig.from_options({**options, "seed": seed}, names=SWEEP_FLAGS)
-
-    settings = []
-    for k in k_ratios:
-        trimmed = config(k_ratio=k)
-        settings.append(Setting(f"trimmed k={trimmed.k_ratio:g}", "trimmed (k_ratio)", trimmed))
-    for keep in keep_ratios:
-        for name in methods:
-            chosen = config(method=name, keep_ratio=keep)
-            settings.append(
-                Setting(f"{chosen.method} keep={chosen.keep_ratio:g}", f"{chosen.method} (keep_ratio)", chosen)
-            )
-    if summarize:
-        settings = [
-            variant
-            for s in settings
-            for variant in (
-                s,
-                Setting(f"{s.label} +summary", f"{s.family} +summary", replace(s.config, summarize_dropped=True)),
-            )
-        ]
-    return settings
 
 
 @dataclass(frozen=True)
@@ -373,14 +309,11 @@ __all__ = [
     "Answer",
     "Calibration",
     "RequestRecord",
-    "Setting",
     "SettingResult",
     "answer_requests",
     "calibrate",
     "first_token_divergence",
     "load_requests",
-    "plan",
     "recommend",
     "summarise",
-    "wilson_interval",
 ]

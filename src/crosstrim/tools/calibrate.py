@@ -13,11 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, calibration, distributed, options
+from crosstrim.evaluation import UserError, calibration, distributed, options, sweep, versions
 from crosstrim.evaluation.options import progress_bar
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
-from crosstrim.tools.eval import versions
 
 
 def to_json(record: dict) -> str:
@@ -145,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.target <= 1:
         raise UserError(f"--target is an agreement in (0, 1], e.g. 0.95; got {args.target}")
     try:
-        settings = calibration.plan(
+        settings = sweep.plan(
             _listed(args.k_ratios), _listed(args.keep_ratios), _listed(args.methods), args.summarize_dropped, args.seed
         )
     except ValueError as err:

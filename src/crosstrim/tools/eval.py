@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-import crosstrim
-from crosstrim.config import TrimConfig
-from crosstrim.evaluation import UserError, distributed, options, sources, vlmeval_tsv
+from crosstrim.evaluation import UserError, distributed, options, sources, sweep, versions, vlmeval_tsv
 from crosstrim.evaluation.inference import Prediction
 from crosstrim.evaluation.options import progress_bar
+from crosstrim.evaluation.sweep import Setting
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
 
@@ -43,53 +39,25 @@ KV_NOTE = (
 TESTBED_ITEMS = 600
 
 
-@dataclass(frozen=True)
-class Run:
-    """One evaluated configuration: a label, the method family it belongs to, and its trim config."""
-
-    label: str
-    family: str
-    config: TrimConfig | None
-
-
-# The TrimConfig field each sweep flag sets, so a bad value is an error naming the flag.
-SWEEP_FLAGS = {"method": "--methods", "k_ratio": "--k-ratios", "keep_ratio": "--keep-ratios", "seed": "--seed"}
-
-
 def plan(
     k_ratios: Sequence[float | str],
     keep_ratios: Sequence[float | str],
     methods: Sequence[str],
     summarize: bool = False,
     seed: int | str = 0,
-) -> list[Run]:
-    """The runs of one evaluation, untrimmed first; with ``summarize``, every selection also runs with
-    ``TrimConfig.summarize_dropped`` (family and label get ``+summary``). Values may be the flags' strings:
-    they are parsed by :meth:`TrimConfig.from_options`, whose errors name the flags (``ValueError``)."""
-
-    def config(**options) -> TrimConfig:
-        return TrimConfig.from_options({**options, "seed": seed}, names=SWEEP_FLAGS)
-
-    selections = []
-    for k in k_ratios:
-        trimmed = config(k_ratio=k)
-        selections.append(Run(f"trimmed k={trimmed.k_ratio:g}", "trimmed (k_ratio)", trimmed))
-    for keep in keep_ratios:
-        for name in methods:
-            chosen = config(method=name, keep_ratio=keep)
-            selections.append(
-                Run(f"{chosen.method} keep={chosen.keep_ratio:g}", f"{chosen.method} (keep_ratio)", chosen)
-            )
-    runs = [Run("full", "full", None)]
-    for r in selections:
-        runs.append(r)
-        if summarize:
-            runs.append(Run(f"{r.label} +summary", f"{r.family} +summary", replace(r.config, summarize_dropped=True)))
-    runs.append(Run("later layers: 1 token", "one token", config(method="uniform", keep_ratio=ONE_TOKEN)))
-    return runs
+) -> list[Setting]:
+    """The runs of one evaluation: untrimmed first, then :func:`crosstrim.evaluation.sweep.plan`'s settings
+    (with ``summarize``, every selection also with ``TrimConfig.summarize_dropped``), then one token per image
+    in the later layers."""
+    one_token = sweep.sweep_config(seed, method="uniform", keep_ratio=ONE_TOKEN)
+    return [
+        Setting("full", "full", None),
+        *sweep.plan(k_ratios, keep_ratios, methods, summarize, seed),
+        Setting("later layers: 1 token", "one token", one_token),
+    ]
 
 
-def summarise(run: Run, data: sources.Dataset, predictions: list[Prediction]) -> dict:
+def summarise(run: Setting, data: sources.Dataset, predictions: list[Prediction]) -> dict:
     """Accuracy overall and per category, the official metrics (``None`` where the dataset has none),
     kept fraction and KV bytes, and the per-item records."""
     records, by_category = [], {}
@@ -117,13 +85,13 @@ def summarise(run: Run, data: sources.Dataset, predictions: list[Prediction]) ->
         "accuracy": sum(r["correct"] for r in records) / len(records),
         "correct": sum(r["correct"] for r in records),
         "items": len(records),
-        "interval95": wilson(sum(r["correct"] for r in records), len(records)),
+        "interval95": sweep.wilson_interval(sum(r["correct"] for r in records), len(records)),
         "official": data.official(data.items, [p.text for p in predictions]) if data.official else None,
         "per_category": {
             cat: {
                 "accuracy": sum(c for c, _ in rows) / len(rows),
                 "correct": sum(c for c, _ in rows),
-                "interval95": wilson(sum(c for c, _ in rows), len(rows)),
+                "interval95": sweep.wilson_interval(sum(c for c, _ in rows), len(rows)),
                 "kept_fraction": statistics.fmean(f for _, f in rows) if rows[0][1] is not None else 1.0,
                 "items": len(rows),
             }
@@ -135,15 +103,6 @@ def summarise(run: Run, data: sources.Dataset, predictions: list[Prediction]) ->
         "kv_bytes_kept": statistics.fmean(kv_kept) if kv_kept else None,
         "predictions": records,
     }
-
-
-def wilson(correct: int, items: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of an accuracy of ``correct`` out of ``items``: honest
-    at 0% and 100% and on few items, where 3 of 3 right is not evidence of a perfect model."""
-    share = correct / items
-    centre = (share + z * z / (2 * items)) / (1 + z * z / items)
-    half = z / (1 + z * z / items) * (share * (1 - share) / items + z * z / (4 * items * items)) ** 0.5
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _accuracy(cell: dict) -> str:
@@ -246,18 +205,6 @@ def plot(results: list[dict], path: Path, title: str, headline: str | None = Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "crosstrim": crosstrim.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def _listed(text: str) -> list[str]:
