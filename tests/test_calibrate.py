@@ -162,6 +162,18 @@ def test_calibrate_cli_on_a_checkpoint_and_a_folder_of_images(tmp_path, capsys, 
     # 3/3 has a Wilson lower bound of 43.8%: identity meets 40%; k=0.25 only if it agrees on all three.
     assert result["recommended"] == ("trimmed k=0.25" if trimmed["agree"] == 3 else "trimmed k=1")
     assert trimmed["kept_fraction"] < 1
+    assert result["setup"]["data"] == str(folder)  # a user's data is used whole without --limit
+    # With --limit, the output says how much of the data was used.
+    code, out, err = run_cli(
+        capsys, "calibrate", "--model", checkpoint_dir, "--device", "cpu", "--data", folder, "--limit", "2",
+        "--prompt", "what is shown ?", "--k-ratios", "0.25", "--keep-ratios", "", "--max-new-tokens", "1",
+        "--out", tmp_path / "limited",
+    )  # fmt: skip
+    assert code == 0, err
+    limited = json.loads((tmp_path / "limited" / "calibration.json").read_text())
+    assert [r["id"] for r in limited["requests"]] == ["a.jpg", "b.png"]
+    assert limited["setup"]["data"] == f"{folder} (first 2 of 3)"
+    assert "first 2 of 3" in out
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import argparse
 
 from crosstrim.config import METHODS, TrimConfig
 from crosstrim.evaluation import UserError
+from crosstrim.evaluation.sweep import Setting, plan
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +62,34 @@ def trim_config(args: argparse.Namespace) -> TrimConfig:
     """Build the ``TrimConfig`` the trimming flags describe; a bad value is a one-line error naming its flag."""
     try:
         return TrimConfig.from_options({name: getattr(args, name) for name in TRIM_FLAGS}, names=TRIM_FLAGS)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, *, methods: str, what: str) -> None:
+    """The sweep flags of ``eval`` and ``calibrate`` (comma-separated values, parsed by :func:`sweep_settings`)."""
+    parser.add_argument("--k-ratios", default="0.5,0.25,0.15,0.1,0.05", help="trimmed k_ratio sweep")
+    parser.add_argument("--keep-ratios", default="0.75,0.5,0.25,0.1", help="exact-budget sweep for every method")
+    parser.add_argument("--methods", default=methods, help="methods of the exact-budget sweep (comma-separated)")
+    parser.add_argument(
+        "--summarize-dropped",
+        action="store_true",
+        help=f"also {what} every selection with TrimConfig.summarize_dropped (not in the paper)",
+    )
+    parser.add_argument("--seed", default=0, help="seed of the random baseline")
+
+
+def sweep_settings(args: argparse.Namespace) -> list[Setting]:
+    """The settings the sweep flags describe (:func:`crosstrim.evaluation.sweep.plan`); a bad value is a
+    one-line error naming its flag."""
+
+    def listed(text: str) -> list[str]:  # empty values dropped: --k-ratios "" sweeps none
+        return [value.strip() for value in text.split(",") if value.strip()]
+
+    try:
+        return plan(
+            listed(args.k_ratios), listed(args.keep_ratios), listed(args.methods), args.summarize_dropped, args.seed
+        )
     except ValueError as err:
         raise UserError(str(err)) from err
 

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, calibration, distributed, options, sweep, versions
+from crosstrim.evaluation import UserError, calibration, distributed, options, versions
 from crosstrim.evaluation.options import progress_bar
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
@@ -103,9 +103,8 @@ def plot(cal: calibration.Calibration, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _listed(text: str) -> list[str]:
-    """The values of a comma-separated sweep flag (empty ones dropped: ``--k-ratios ""`` sweeps none)."""
-    return [value.strip() for value in text.split(",") if value.strip()]
+# Testbed questions calibrated on without --limit (a --data file is used whole).
+TESTBED_REQUESTS = 300
 
 
 def register(subparsers) -> None:
@@ -122,43 +121,37 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", help="the question asked of every image of a --data folder")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad rows of a .tsv file")
     parser.add_argument("--target", type=float, default=0.95, help="agreement to reach (default 0.95)")
-    parser.add_argument("--limit", type=int, default=300, help="use the first N requests (default 300)")
-    parser.add_argument("--out", default="runs/calibrate", metavar="DIR", help="output folder (default runs/calibrate)")
-    parser.add_argument("--k-ratios", default="0.5,0.25,0.15,0.1,0.05", help="trimmed k_ratio sweep")
-    parser.add_argument("--keep-ratios", default="0.75,0.5,0.25,0.1", help="exact-budget sweep for every method")
-    parser.add_argument("--methods", default="trimmed", help="methods of the exact-budget sweep (comma-separated)")
     parser.add_argument(
-        "--summarize-dropped",
-        action="store_true",
-        help="also try every setting with TrimConfig.summarize_dropped (not in the paper)",
+        "--limit",
+        type=int,
+        metavar="N",
+        help=f"use only the first N requests (default: all of --data; {TESTBED_REQUESTS} testbed questions)",
     )
+    parser.add_argument("--out", default="runs/calibrate", metavar="DIR", help="output folder (default runs/calibrate)")
+    options.add_sweep_arguments(parser, methods="trimmed", what="try")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answers are compared over this many tokens")
-    parser.add_argument("--seed", default=0, help="seed of the random baseline")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.limit < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+    if (args.limit is not None and args.limit < 1) or args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
     if not 0 < args.target <= 1:
         raise UserError(f"--target is an agreement in (0, 1], e.g. 0.95; got {args.target}")
-    try:
-        settings = sweep.plan(
-            _listed(args.k_ratios), _listed(args.keep_ratios), _listed(args.methods), args.summarize_dropped, args.seed
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    settings = options.sweep_settings(args)
     if not settings:
         raise UserError("nothing to calibrate: give --k-ratios and/or --keep-ratios")
     if args.data:
-        items = calibration.load_requests(args.data, args.prompt, skip_bad=args.skip_bad)[: args.limit]
-        data_name = args.data
+        requests = calibration.load_requests(args.data, args.prompt, skip_bad=args.skip_bad)
+        items = requests[: args.limit]  # a user's file is answered whole unless they limit it, and then it says so
+        data_name = args.data if len(items) == len(requests) else f"{args.data} (first {len(items)} of {len(requests)})"
     else:
         if args.prompt:
             raise UserError("--prompt asks one question of a --data folder of images")
-        items = testbed_data.heldout(args.limit)
-        data_name = f"testbed held-out split (seed {testbed_data.HELDOUT_SEED}, first {args.limit})"
+        count = args.limit or TESTBED_REQUESTS
+        items = testbed_data.heldout(count)
+        data_name = f"testbed held-out split (seed {testbed_data.HELDOUT_SEED}, first {count})"
     with distributed.process_group(args.device) as rank:
         if rank.world_size > 1:
             args.device = str(rank.device)

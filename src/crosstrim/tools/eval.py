@@ -39,22 +39,11 @@ KV_NOTE = (
 TESTBED_ITEMS = 600
 
 
-def plan(
-    k_ratios: Sequence[float | str],
-    keep_ratios: Sequence[float | str],
-    methods: Sequence[str],
-    summarize: bool = False,
-    seed: int | str = 0,
-) -> list[Setting]:
-    """The runs of one evaluation: untrimmed first, then :func:`crosstrim.evaluation.sweep.plan`'s settings
-    (with ``summarize``, every selection also with ``TrimConfig.summarize_dropped``), then one token per image
-    in the later layers."""
+def plan(settings: Sequence[Setting], seed: int | str = 0) -> list[Setting]:
+    """The runs of one evaluation: untrimmed first, then the sweep's ``settings``, then one token per image
+    in the later layers (how much the model needs them at all)."""
     one_token = sweep.sweep_config(seed, method="uniform", keep_ratio=ONE_TOKEN)
-    return [
-        Setting("full", "full", None),
-        *sweep.plan(k_ratios, keep_ratios, methods, summarize, seed),
-        Setting("later layers: 1 token", "one token", one_token),
-    ]
+    return [Setting("full", "full", None), *settings, Setting("later layers: 1 token", "one token", one_token)]
 
 
 def summarise(run: Setting, data: sources.Dataset, predictions: list[Prediction]) -> dict:
@@ -207,11 +196,6 @@ def plot(results: list[dict], path: Path, title: str, headline: str | None = Non
     plt.close(fig)
 
 
-def _listed(text: str) -> list[str]:
-    """The values of a comma-separated sweep flag (empty ones dropped: ``--k-ratios ""`` sweeps none)."""
-    return [value.strip() for value in text.split(",") if value.strip()]
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="accuracy vs kept image features for every selection method")
     options.add_model_arguments(parser)
@@ -234,31 +218,16 @@ def register(subparsers) -> None:
         "an MME image pair or MMVP case is never split",
     )
     parser.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder (default runs/eval)")
-    parser.add_argument("--k-ratios", default="0.5,0.25,0.15,0.1,0.05", help="trimmed k_ratio sweep")
-    parser.add_argument("--keep-ratios", default="0.75,0.5,0.25,0.1", help="exact-budget sweep for every method")
-    parser.add_argument(
-        "--methods", default="trimmed,mean,random,uniform", help="methods of the exact-budget sweep (comma-separated)"
-    )
-    parser.add_argument(
-        "--summarize-dropped",
-        action="store_true",
-        help="also run every selection with TrimConfig.summarize_dropped (not in the paper)",
-    )
+    options.add_sweep_arguments(parser, methods="trimmed,mean,random,uniform", what="run")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--seed", default=0, help="seed of the random baseline")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
-    try:
-        runs = plan(
-            _listed(args.k_ratios), _listed(args.keep_ratios), _listed(args.methods), args.summarize_dropped, args.seed
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    runs = plan(options.sweep_settings(args), args.seed)
     if args.data:
         data = sources.load(args.data, skip_bad=args.skip_bad, benchmark=args.benchmark)
         total = len(data.items)
