@@ -455,14 +455,31 @@ def test_manual_decode_with_the_returned_cache(model, batch, config):
         torch.testing.assert_close(trimmed_logits, run_two_steps(), atol=1e-5, rtol=0)
 
 
-def test_per_sample_kv_bytes_equal_the_cache_of_that_sample_alone(model, processor):
+@pytest.mark.parametrize(
+    "config",
+    [
+        crosstrim.TrimConfig(k_ratio=0.1),
+        crosstrim.TrimConfig(k_ratio=1.0),
+        crosstrim.TrimConfig(keep_ratio=0.3, summarize_dropped=True),
+        crosstrim.TrimConfig(k_ratio=0.1, trim_first_layer_cache=True),
+    ],
+    ids=lambda c: c.describe() + (" first-cache" if c.trim_first_layer_cache else ""),
+)
+def test_per_sample_kv_bytes_equal_the_cache_of_that_sample_alone(model, processor, batch, config):
+    """Alone and inside BATCH, whose rows have two image slots although sample 1 has one image: the bytes
+    reported for a sample are those it holds run alone, not the slots or kept-slot padding the batch adds."""
+    with crosstrim.trimmed(model, config) as handle:
+        forward(model, batch)
+        in_batch = handle.stats
+    assert in_batch.image_counts == (2, 1, 2) and in_batch.image_slots == 2
     for b in range(len(BATCH)):
         alone = inputs(processor, [BATCH[b]], seed=10 * b)
         full_cache = forward(model, alone, use_cache=True).past_key_values
-        with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:
+        with crosstrim.trimmed(model, config) as handle:
             cache = forward(model, alone, use_cache=True).past_key_values
         measured = (cross_cache_bytes(model, full_cache), cross_cache_bytes(model, cache))
         assert handle.stats.sample_kv_bytes(0) == measured
+        assert in_batch.sample_kv_bytes(b) == measured
 
 
 def test_torch_compile_graph_breaks_around_selection_and_matches_eager(model, batch):

@@ -110,10 +110,10 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     selections = [part.selection for part in parts]
     trimmed = set() if handle is None else set(layers if handle.config.trim_first_layer_cache else layers[1:])
     cache = _merge_caches([part.cache for part in parts], selections, trimmed)
-    if selections[0] is not None:
-        setattr(cache, _SELECTION_ATTR, Selection.concatenate(selections).repeat_interleave(expand))
-    if handle is not None:
-        handle._calls.stats = _merge_stats([part.stats for part in parts], expand)
+    if selections[0] is not None:  # trimmed (a selection is read only with an active handle)
+        merged = Selection.concatenate(selections)
+        setattr(cache, _SELECTION_ATTR, merged.repeat_interleave(expand))
+        handle._calls.stats = _merge_stats([part.stats for part in parts], expand, merged.width)
         handle._calls.scores = _merge_scores([part.scores for part in parts], expand)
     if expand > 1:
         for layer in cache.layers:
@@ -300,11 +300,11 @@ def _merge_caches(caches: list, selections: list[Selection | None], trimmed: set
     return merged
 
 
-def _merge_stats(parts: list[TrimStats], expand: int) -> TrimStats:
+def _merge_stats(parts: list[TrimStats], expand: int, width: int) -> TrimStats:
     """The stats a one-shot prefill of the whole (expanded) batch reports.
 
-    Trimmed layers hold the batch's largest kept count per row (plus the summary tokens),
-    the untrimmed ones every image token: the bytes the merged cache holds.
+    Trimmed layers hold ``width`` slots per row (the merged selection's: the batch's most kept slots, then
+    the summary tokens), the untrimmed ones every image token: the bytes the merged cache holds.
     """
     first = parts[0]
 
@@ -314,12 +314,13 @@ def _merge_stats(parts: list[TrimStats], expand: int) -> TrimStats:
     kept_counts = rows("kept_counts")
     batch = len(kept_counts)
     untrimmed = first.cross_layers - first.trimmed_layers
-    slots = first.trimmed_layers * (max(kept_counts) + first.summary_tokens) + untrimmed * first.image_tokens
+    slots = first.trimmed_layers * width + untrimmed * first.image_tokens
     return dataclasses.replace(
         first,
         kept_indices=rows("kept_indices"),
         kept_counts=kept_counts,
         valid_counts=rows("valid_counts"),
+        image_counts=rows("image_counts"),
         kv_bytes_full=sum(part.kv_bytes_full for part in parts) * expand,
         kv_bytes_kept=batch * slots * first.kv_bytes_per_token,
     )

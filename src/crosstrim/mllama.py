@@ -50,6 +50,9 @@ class TrimStats:
     width (see README, "Batches").
     ``summary_tokens`` counts the stand-ins for dropped tokens (``TrimConfig.summarize_dropped``: one
     per image slot) that every trimmed layer caches per sample beside the kept tokens.
+    ``image_counts[b]`` is how many images sample ``b`` has, of the batch's ``image_slots`` per row (a
+    batch gives every row as many slots as its sample with the most images), so that
+    :meth:`sample_kv_bytes` can tell what a sample holds alone from what the batch adds.
     """
 
     method: str
@@ -63,18 +66,24 @@ class TrimStats:
     kv_bytes_kept: int
     kv_bytes_per_token: int
     summary_tokens: int = 0
+    image_counts: tuple[int, ...] = ()
+    image_slots: int = 1
 
     def sample_kv_bytes(self, b: int) -> tuple[int, int]:
-        """Cross-attention KV bytes ``(full, kept)`` sample ``b`` holds when run alone (no batch padding).
+        """Cross-attention KV bytes ``(full, kept)`` sample ``b`` holds when run alone: neither the kept-slot
+        padding nor the image slots of a batch whose other samples have more images.
 
         A sample without an image holds no cross-attention cache alone (its prompt is text only): ``(0, 0)``.
         """
         if not self.valid_counts[b]:
             return 0, 0
+        images = self.image_counts[b]
+        image_tokens = self.image_tokens // self.image_slots * images  # every tile slot of its own images
+        # Cached slots: at ratio 1.0 every slot (padding tiles too, of its own images alone), else the kept ones.
+        slots = min(len(self.kept_indices[b]), image_tokens) + (images if self.summary_tokens else 0)
         untrimmed = self.cross_layers - self.trimmed_layers
-        full = self.cross_layers * self.image_tokens * self.kv_bytes_per_token
-        trimmed = len(self.kept_indices[b]) + self.summary_tokens  # cached slots, padding tiles kept at 1.0
-        kept = (self.trimmed_layers * trimmed + untrimmed * self.image_tokens) * self.kv_bytes_per_token
+        full = self.cross_layers * image_tokens * self.kv_bytes_per_token
+        kept = (self.trimmed_layers * slots + untrimmed * image_tokens) * self.kv_bytes_per_token
         return full, kept
 
     @property
@@ -406,7 +415,8 @@ class TrimHandle:
         step.query = step.key = None
         valid_counts = valid.sum(-1).tolist()
         kept_counts = (keep & valid).sum(-1).tolist()  # over valid tokens: ratio 1.0 keeps padding slots too
-        self._calls.stats = self._stats(step.selection, kept_counts, valid_counts, batch, states.dtype)
+        images = valid.view(batch, step.selection.images, -1).any(-1).sum(-1).tolist()
+        self._calls.stats = self._stats(step.selection, kept_counts, valid_counts, images, states.dtype)
         # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
         cache = _cache(kwargs)
         step.cache = step.cache if cache is None else cache
@@ -550,8 +560,9 @@ class TrimHandle:
     # -- accounting ------------------------------------------------------------------------------
 
     def _stats(
-        self, selection: method.Selection, kept: list[int], valid: list[int], batch: int, dtype: torch.dtype
+        self, selection: method.Selection, kept: list[int], valid: list[int], images: list[int], dtype: torch.dtype
     ) -> TrimStats:
+        batch = len(kept)
         text_config = self._text.config
         kv_heads = text_config.num_key_value_heads
         head_dim = text_config.hidden_size // text_config.num_attention_heads
@@ -572,6 +583,8 @@ class TrimHandle:
             kv_bytes_kept=slim * trimmed + full * (len(self._layers) - trimmed),
             kv_bytes_per_token=memory.layer_kv_bytes(1, 1, kv_heads, head_dim, size),
             summary_tokens=selection.summary_slots,
+            image_counts=tuple(images),
+            image_slots=selection.images,
         )
 
 

@@ -153,18 +153,6 @@ def answer_all(args, config: TrimConfig, pending: list[Request], out: Path, tota
     return bad
 
 
-def alone_kv_bytes(stats, row: int, images: int, slots: int) -> tuple[int, int]:
-    """Cross-attention KV bytes ``(full, kept)`` of request ``row`` run alone, so an answer's figures do not
-    depend on the batch it came in. ``TrimStats.sample_kv_bytes`` removes the kept-slot padding but still
-    counts the image slots the batch added (a one-image request batched with a two-image one)."""
-    image_tokens = stats.image_tokens // slots * images
-    summaries = images if stats.summary_tokens else 0
-    untrimmed = stats.cross_layers - stats.trimmed_layers
-    full = stats.cross_layers * image_tokens
-    kept = stats.trimmed_layers * (stats.kept_counts[row] + summaries) + untrimmed * image_tokens
-    return full * stats.kv_bytes_per_token, kept * stats.kv_bytes_per_token
-
-
 class Totals:
     """Running sums over the answers in the output: kept share and cross-attention KV saved."""
 
@@ -341,10 +329,9 @@ def answer(model, processor, handle, requests: list[Request], images: list[tuple
     )
     texts = processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     stats = handle.stats
-    slots = inputs["pixel_values"].shape[1]  # image slots of the batch: the most images any request has
     rows = []
     for b, (request, text) in enumerate(zip(requests, texts)):
-        full, kept = alone_kv_bytes(stats, b, len(request.images), slots)
+        full, kept = stats.sample_kv_bytes(b)  # the request run alone: not what its batch added
         rows.append(
             {
                 "id": request.id,
