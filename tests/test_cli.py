@@ -40,7 +40,7 @@ def test_generate_summarize_dropped_and_its_one_conflict(capsys, checkpoint_dir,
     assert code == 0, err
     assert "answer (trimmed k=0.25 +summary):" in out
     code, _, err = run_cli(capsys, *common, "--summarize-dropped", "--trim-first-layer-cache")
-    assert code == 2 and "set --trim-first-layer-cache=False" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "turn --trim-first-layer-cache off" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -324,3 +324,12 @@ def test_exact_match_scores_are_crosstrim_evals_accuracies():
     items = [item_without_benchmark(c) for c in ("local", "global", "local")]
     scores = lmms_tasks.exact_match_scores(items, ["A.", "b", "no"])
     assert scores == {"accuracy": 1 / 3, "local/accuracy": 0.5, "global/accuracy": 0.0}
+
+
+@pytest.mark.parametrize("dtype", ["fp99", "BF16x"])
+def test_an_unknown_dtype_is_named_before_any_loading(dtype):
+    """A hub id (not a local folder) with a bad dtype: one clear error naming the spellings, not a KeyError."""
+    from crosstrim.evaluation import UserError
+
+    with pytest.raises(UserError, match=f"unknown --dtype '{dtype}'; use auto, float32"):
+        adapter.LlamaVisionTrimmed._load("meta-llama/not-a-local-folder", "cpu", dtype, None, 0)

@@ -92,7 +92,7 @@ class TrimConfig:
         if self.summarize_dropped and self.trim_first_layer_cache:
             raise ValueError(
                 "summarize_dropped adds a summary token to the later layers only; the first layer's cache "
-                "must keep every token (set trim_first_layer_cache=False)"
+                "must keep every token (turn trim_first_layer_cache off)"
             )
         if isinstance(self.score_chunk_elements, bool) or not isinstance(self.score_chunk_elements, int):
             raise TypeError("score_chunk_elements must be an int")

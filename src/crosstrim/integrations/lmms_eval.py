@@ -202,9 +202,10 @@ class LlamaVisionTrimmed(lmms):
             return checkpoint.load(pretrained, device, dtype)  # clear errors for a local folder
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
-        if dtype == "auto":
-            dtype = "bfloat16" if device_map or torch.device(device).type == "cuda" else "float32"
-        kwargs: dict[str, Any] = {"dtype": checkpoint.DTYPES[dtype]}
+        # With a device map the weights go to GPUs: "auto" means bfloat16 there, as on one GPU.
+        kwargs: dict[str, Any] = {
+            "dtype": checkpoint.resolve_dtype(dtype, torch.device("cuda" if device_map else device))
+        }
         if device_map:
             kwargs["device_map"] = device_map
         model = MllamaForConditionalGeneration.from_pretrained(pretrained, **kwargs)
