@@ -7,7 +7,8 @@ import torch
 from support import run_cli
 
 from crosstrim import memory, tiny
-from crosstrim.tools import bench
+from crosstrim.bench import capacity, summary
+from crosstrim.bench.measure import status_bytes
 
 ARGS = ["--dims", "tiny", "--batch", "1,2", "--text", "6", "--keep", "0.5,0.25", "--decode-steps", "2"]
 ARGS += ["--repeats", "2", "--threads", "1"]
@@ -54,7 +55,7 @@ def test_bench_runs_on_a_checkpoint_directory(capsys, tmp_path, checkpoint_dir):
 
 def test_memory_budget_search_reports_predicted_and_measured(capsys, tmp_path):
     argv = [*ARGS[:6], "--keep", "0.25", "--decode-steps", "1", "--repeats", "1", "--threads", "1"]
-    budget_gb = f"{bench._status('VmRSS') / 1e9 + 0.5:.2f}"  # what this process holds + 0.5 GB: always available
+    budget_gb = f"{status_bytes('VmRSS') / 1e9 + 0.5:.2f}"  # what this process holds + 0.5 GB: always available
     code, out, err = run_cli(
         capsys, "bench", *argv, "--memory-budget", budget_gb, "--max-batch", "3", "--out", tmp_path
     )
@@ -73,10 +74,10 @@ def test_largest_fitting_walks_to_the_boundary_without_overshooting(start):
         probes.append(b)
         return b <= 9
 
-    assert bench.largest_fitting(fits, start, limit=50) == 9
+    assert capacity.largest_fitting(fits, start, limit=50) == 9
     assert max(probes) <= max(start, 10)  # never more than one batch beyond what fits, unless started there
-    assert bench.largest_fitting(lambda b: False, start, limit=50) == 0
-    assert bench.largest_fitting(lambda b: True, start, limit=12) == 12
+    assert capacity.largest_fitting(lambda b: False, start, limit=50) == 0
+    assert capacity.largest_fitting(lambda b: True, start, limit=12) == 12
 
 
 def test_at_depth_composes_measured_layer_times():
@@ -84,7 +85,7 @@ def test_at_depth_composes_measured_layer_times():
     ref = memory.preset("11b")  # 32 self, 1 first cross, 7 later cross layers
     layer_s = [1.0, 10.0, 3.0, 5.0]  # self, first cross, self, later cross
     total = sum(layer_s) + 0.5  # embedding, head, masks
-    assert bench.at_depth(layer_s, total, mm, ref) == pytest.approx(0.5 + 32 * 2.0 + 10.0 + 7 * 5.0)
+    assert summary.at_depth(layer_s, total, mm, ref) == pytest.approx(0.5 + 32 * 2.0 + 10.0 + 7 * 5.0)
 
 
 @pytest.mark.parametrize(
