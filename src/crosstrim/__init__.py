@@ -6,14 +6,16 @@ Reference implementation of Trimmed Llama (Lee et al., arXiv 2504.00557) for Hug
     handle = crosstrim.trim(model, crosstrim.TrimConfig(k_ratio=0.25))
     model.generate(**inputs)     # trimmed prefill and decode
     handle.stats                 # what the last prefill kept
+    crosstrim.generate(model, prefill_batch_size=4, **inputs)  # prefill 4 samples at a time
     handle.remove()              # back to the original model
 
 The method itself lives in :mod:`crosstrim.method` and works on plain tensors.
 """
 
 from crosstrim.config import TrimConfig
+from crosstrim.generation import generate
 from crosstrim.mllama import TrimHandle, TrimStats, trim, trimmed
 
 __version__ = "0.1.0"
 
-__all__ = ["TrimConfig", "TrimHandle", "TrimStats", "trim", "trimmed", "__version__"]
+__all__ = ["TrimConfig", "TrimHandle", "TrimStats", "generate", "trim", "trimmed", "__version__"]

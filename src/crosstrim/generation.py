@@ -1,0 +1,343 @@
+"""``crosstrim.generate``: ``model.generate`` with the prefill run a few samples at a time.
+
+Why: on a padded batch the memory peak of ``model.generate`` is the prefill (vision encoder
+activations, every sample's projected image features, the first cross-attention layer's full K/V),
+not the KV cache trimming shrinks. Running the prefill ``prefill_batch_size`` samples at a time
+and decoding the whole batch from one merged cache lets the batch grow with the cache savings.
+
+How, with transformers' own decoding loop:
+
+1. every micro-batch (a slice along the batch of the already padded inputs, so every slice has
+   the same text length ``L`` and image-slot layout) runs one forward prefill of all ``L`` tokens,
+   through the trim handle's hooks when the model is trimmed;
+2. the micro-batch caches are merged along the batch: self-attention and untrimmed cross layers
+   concatenate; trimmed cross layers hold ``K_i`` kept slots per micro-batch and are padded to the
+   largest ``K`` with masked slots (between the kept slots and the summary tokens of
+   ``summarize_dropped``), exactly the layout a one-shot prefill of the whole batch builds; the
+   selections and :class:`~crosstrim.TrimStats` are merged the same way;
+3. ``model.generate`` is called with the merged cache and without the image inputs; it sees the
+   prompt's last token as not yet cached, and its first forward call is answered with the
+   prefill's own logits for that token (see :func:`_prefilled`), so decoding starts exactly where
+   a one-shot prefill would have left it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from crosstrim.mllama import _HANDLE_ATTR, _SELECTION_ATTR, TrimStats, _Selection
+
+# Inputs that have one row per sample and go into the prefill forward; generate gets the rest.
+_PREFILL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "aspect_ratio_ids",
+    "aspect_ratio_mask",
+    "cross_attention_mask",
+    "position_ids",
+)
+# Only the prefill reads the images: the decode steps read the cached image K/V.
+_IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+
+
+def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any:
+    """``model.generate(**kwargs)`` with the prefill run ``prefill_batch_size`` samples at a time.
+
+    Returns what ``model.generate`` returns (a tensor of prompt + new tokens, or a
+    ``GenerateOutput`` with ``return_dict_in_generate=True``), with or without an active
+    :func:`crosstrim.trim` handle, whose ``stats`` then describe the whole batch as a one-shot
+    prefill would. Greedy, sampling, beam search and ``num_return_sequences`` run in transformers'
+    own loop on the whole batch. ``prefill_batch_size`` counts samples before beam /
+    ``num_return_sequences`` expansion.
+
+    Args:
+        model: an ``MllamaForConditionalGeneration``, trimmed or not.
+        prefill_batch_size: samples per prefill forward (>= 1). A batch no larger, or one
+            without ``pixel_values``, goes to ``model.generate`` unchanged.
+        **kwargs: the processor's outputs (``input_ids``, ``attention_mask``, ``pixel_values``,
+            ``aspect_ratio_ids``, ``aspect_ratio_mask``, ``cross_attention_mask``) and any
+            ``generate`` arguments.
+
+    Raises:
+        ValueError: for arguments the merged cache cannot serve: a cache passed in, a static
+            cache, ``use_cache=False``, assisted decoding, ``inputs_embeds``,
+            ``output_attentions`` / ``output_hidden_states`` (the first step sees only the last
+            prompt token).
+    """
+    text = _text_model(model)
+    if isinstance(prefill_batch_size, bool) or not isinstance(prefill_batch_size, int):
+        raise TypeError(f"prefill_batch_size must be an int, got {type(prefill_batch_size).__name__}")
+    if prefill_batch_size < 1:
+        raise ValueError(f"prefill_batch_size must be >= 1, got {prefill_batch_size}")
+    _check_supported(model, kwargs)
+    input_ids = kwargs.get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("crosstrim.generate needs input_ids, a (batch, length) tensor as the processor returns it")
+    batch = input_ids.shape[0]
+    if batch <= prefill_batch_size or kwargs.get("pixel_values") is None:
+        return model.generate(**kwargs)
+    if kwargs.get("attention_mask") is None:
+        raise ValueError("crosstrim.generate needs the attention_mask the processor returns to micro-batch the prefill")
+    for name in _PREFILL_INPUTS:
+        value = kwargs.get(name)
+        if value is not None and (not isinstance(value, torch.Tensor) or value.shape[0] != batch):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} must have one row per sample ({batch}), got {shape}")
+
+    handle = getattr(text, _HANDLE_ATTR, None)
+    handle = handle if handle is not None and handle.active else None
+    layers = sorted(int(i) for i in text.config.cross_attention_layers)
+    parts = [
+        _prefill(
+            model,
+            handle,
+            {name: kwargs[name][start : start + prefill_batch_size] for name in _PREFILL_INPUTS if name in kwargs},
+        )
+        for start in range(0, batch, prefill_batch_size)
+    ]
+    expand = _expand_size(model, kwargs)
+    selections = [part.selection for part in parts]
+    trimmed = set() if handle is None else set(layers if handle.config.trim_first_layer_cache else layers[1:])
+    cache = _merge_caches([part.cache for part in parts], selections, trimmed)
+    if selections[0] is not None:
+        setattr(cache, _SELECTION_ATTR, _expand_selection(_merge_selections(selections), expand))
+    if handle is not None:
+        handle.stats = _merge_stats([part.stats for part in parts], expand)
+    if expand > 1:
+        for layer in cache.layers:
+            layer.keys = layer.keys.repeat_interleave(expand, dim=0)
+            layer.values = layer.values.repeat_interleave(expand, dim=0)
+    logits = torch.cat([part.logits for part in parts]).repeat_interleave(expand, dim=0)
+    first_step = parts[0].output_type(logits=logits, **{_cache_argument(model): cache})
+    del parts
+    decode = {name: value for name, value in kwargs.items() if name not in _IMAGE_INPUTS}
+    decode[_cache_argument(model)] = cache
+    with _prefilled(model, cache, [i for i in range(len(cache.layers)) if i not in layers], first_step):
+        return model.generate(**decode)
+
+
+@dataclasses.dataclass
+class _Part:
+    """What the prefill of one micro-batch leaves: its cache, selection, stats and last-token logits."""
+
+    cache: Any
+    selection: _Selection | None
+    stats: TrimStats | None
+    logits: torch.Tensor
+    output_type: type
+
+
+def _prefill(model: nn.Module, handle: Any, inputs: dict[str, torch.Tensor]) -> _Part:
+    """One forward over every prompt token of a micro-batch, as generate's own prefill runs it.
+
+    Inputs move to the model's device here, a slice at a time, so a large batch of images can wait
+    on the CPU.
+    """
+    device = model.device
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    if inputs.get("position_ids") is None:
+        inputs["position_ids"] = _positions(inputs["attention_mask"])
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True, logits_to_keep=1, return_dict=True)
+    cache = out[_cache_argument(model)]
+    return _Part(
+        cache=cache,
+        selection=getattr(cache, _SELECTION_ATTR, None) if handle is not None else None,
+        stats=handle.stats if handle is not None else None,
+        logits=out.logits[:, -1:],
+        output_type=type(out),
+    )
+
+
+@contextlib.contextmanager
+def _prefilled(model: nn.Module, cache: Any, self_layers: list[int], first_step: Any) -> Iterator[None]:
+    """Make ``model.generate`` start decoding from a cache that already holds the whole prompt.
+
+    generate needs an uncached prompt token to start from, so the self-attention layers are
+    shown to it cropped to ``L - 1`` tokens; its first forward call (that last token) is then
+    answered with the prefill's own output -- the last prompt token's logits and the full cache --
+    instead of being recomputed. The answer is exactly what a one-shot prefill gives generate
+    (a recomputation would differ with ``trim_first_layer_cache``, whose first layer saw every
+    image token at prefill but only the kept ones afterwards), and no forward is spent on it.
+    """
+    full = {idx: (cache.layers[idx].keys, cache.layers[idx].values) for idx in self_layers}
+    for idx, (keys, values) in full.items():
+        cache.layers[idx].keys, cache.layers[idx].values = keys[:, :, :-1], values[:, :, :-1]
+    patched = "forward" in vars(model)
+    original = vars(model).get("forward")
+
+    def restore() -> None:
+        if patched:
+            model.forward = original
+        else:
+            vars(model).pop("forward", None)
+
+    @functools.wraps(model.forward)  # generate inspects the forward signature
+    def answer(*args: Any, **kwargs: Any) -> Any:
+        restore()
+        for idx, (keys, values) in full.items():
+            cache.layers[idx].keys, cache.layers[idx].values = keys, values
+        full.clear()
+        return first_step
+
+    model.forward = answer
+    try:
+        yield
+    finally:
+        restore()
+
+
+def _text_model(model: nn.Module) -> nn.Module:
+    from transformers import MllamaForConditionalGeneration
+    from transformers.models.mllama.modeling_mllama import MllamaTextModel
+
+    if not isinstance(model, MllamaForConditionalGeneration):
+        raise TypeError(
+            f"crosstrim.generate needs a transformers MllamaForConditionalGeneration (Llama-3.2-Vision), "
+            f"got {type(model).__name__}"
+        )
+    return next(m for m in model.modules() if isinstance(m, MllamaTextModel))
+
+
+def _check_supported(model: nn.Module, kwargs: dict) -> None:
+    """Refuse the generate arguments a merged, pre-filled dynamic cache cannot serve, naming the fix."""
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"crosstrim.generate builds the cache itself from the micro-batched prefill; drop {name}")
+    if kwargs.get("inputs") is not None:
+        raise ValueError("pass the prompt as input_ids=..., as the processor returns it, not as inputs")
+    if kwargs.get("inputs_embeds") is not None:
+        raise ValueError("crosstrim.generate prefills from input_ids; inputs_embeds is not supported")
+    if kwargs.get("assistant_model") is not None or _setting(model, kwargs, "prompt_lookup_num_tokens") is not None:
+        raise ValueError("crosstrim.generate does not support assisted decoding: it crops the cross-attention cache")
+    if _setting(model, kwargs, "custom_generate") is not None:
+        raise ValueError("crosstrim.generate runs transformers' built-in decoding; custom_generate is not supported")
+    implementation = _setting(model, kwargs, "cache_implementation")
+    if implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"crosstrim.generate merges dynamic caches; cache_implementation={implementation!r} is not supported "
+            "(drop it to use the default dynamic cache)"
+        )
+    if _setting(model, kwargs, "use_cache") is False:
+        raise ValueError("crosstrim.generate decodes from the prefilled cache; drop use_cache=False")
+    for name in ("output_attentions", "output_hidden_states"):
+        if _setting(model, kwargs, name):
+            raise ValueError(
+                f"crosstrim.generate does not support {name}: the first generate step recomputes only the last "
+                "prompt token, so the prompt's attentions / hidden states would be missing"
+            )
+
+
+def _setting(model: nn.Module, kwargs: dict, name: str) -> Any:
+    """A generate setting as generate resolves it: the keyword, else the passed or the model's generation config."""
+    if name in kwargs:
+        return kwargs[name]
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(config, name, None)
+
+
+def _expand_size(model: nn.Module, kwargs: dict) -> int:
+    """Rows per sample in generate's batch: generate repeats every input this often, but not a cache passed in."""
+    beams = _setting(model, kwargs, "num_beams") or 1
+    sequences = _setting(model, kwargs, "num_return_sequences") or 1
+    return max(int(beams), int(sequences))
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as generate derives them from the attention mask."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name generate forwards a cache under: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _merge_caches(caches: list, selections: list[_Selection | None], trimmed: set[int]) -> Any:
+    """One cache for the whole batch, built layer by layer into the first micro-batch's cache object.
+
+    A trimmed layer of micro-batch ``i`` holds ``K_i`` kept slots (then one summary token per image
+    slot with ``summarize_dropped``); every micro-batch is widened to the largest ``K`` with zero
+    slots after its kept ones. Those slots are masked (``slot_valid`` False in the merged
+    selection), as the padding slots of a one-shot prefill are. Each layer's pieces are released as
+    soon as it is merged, so merging needs one layer's worth of extra memory.
+    """
+    merged = caches[0]
+    width = max(s.index.shape[1] for s in selections) if selections[0] is not None else 0
+    for idx in range(len(merged.layers)):
+        for name in ("keys", "values"):
+            pieces = [getattr(cache.layers[idx], name) for cache in caches]
+            if idx in trimmed and selections[0] is not None:
+                pieces = [_widen(piece, s.index.shape[1], width) for piece, s in zip(pieces, selections)]
+            setattr(merged.layers[idx], name, torch.cat(pieces, dim=0))
+            for cache in caches[1:]:
+                setattr(cache.layers[idx], name, None)
+    return merged
+
+
+def _widen(tensor: torch.Tensor, kept: int, width: int) -> torch.Tensor:
+    """Insert ``width - kept`` zero slots after the first ``kept`` slots of a ``(B, G, slots, d)`` cache tensor."""
+    if kept == width:
+        return tensor
+    batch, heads, _, dim = tensor.shape
+    padding = tensor.new_zeros(batch, heads, width - kept, dim)
+    return torch.cat([tensor[:, :, :kept], padding, tensor[:, :, kept:]], dim=2)
+
+
+def _merge_selections(selections: list[_Selection]) -> _Selection:
+    """The micro-batches' selections as one: indices padded to the widest with invalid slots."""
+    width = max(s.index.shape[1] for s in selections)
+    index = torch.cat([nn.functional.pad(s.index, (0, width - s.index.shape[1])) for s in selections])
+    slot_valid = torch.cat([nn.functional.pad(s.slot_valid, (0, width - s.slot_valid.shape[1])) for s in selections])
+    dropped = None if selections[0].dropped is None else torch.cat([s.dropped for s in selections])
+    return dataclasses.replace(selections[0], index=index, slot_valid=slot_valid, dropped=dropped)
+
+
+def _expand_selection(selection: _Selection, expand: int) -> _Selection:
+    if expand == 1:
+        return selection
+    dropped = None if selection.dropped is None else selection.dropped.repeat_interleave(expand, dim=0)
+    return dataclasses.replace(
+        selection,
+        index=selection.index.repeat_interleave(expand, dim=0),
+        slot_valid=selection.slot_valid.repeat_interleave(expand, dim=0),
+        dropped=dropped,
+    )
+
+
+def _merge_stats(parts: list[TrimStats], expand: int) -> TrimStats:
+    """The stats a one-shot prefill of the whole (expanded) batch reports.
+
+    Trimmed layers hold the batch's largest kept count per row (plus the summary tokens),
+    the untrimmed ones every image token: the bytes the merged cache holds.
+    """
+    first = parts[0]
+
+    def rows(name: str) -> tuple:
+        return tuple(value for part in parts for value in getattr(part, name) for _ in range(expand))
+
+    kept_counts = rows("kept_counts")
+    batch = len(kept_counts)
+    untrimmed = first.cross_layers - first.trimmed_layers
+    slots = first.trimmed_layers * (max(kept_counts) + first.summary_tokens) + untrimmed * first.image_tokens
+    return dataclasses.replace(
+        first,
+        kept_indices=rows("kept_indices"),
+        kept_counts=kept_counts,
+        valid_counts=rows("valid_counts"),
+        kv_bytes_full=sum(part.kv_bytes_full for part in parts) * expand,
+        kv_bytes_kept=batch * slots * first.kv_bytes_per_token,
+    )
+
+
+__all__ = ["generate"]

@@ -1,0 +1,187 @@
+"""crosstrim.generate: micro-batched prefill, then transformers' own decoding, equals model.generate."""
+
+import dataclasses
+
+import pytest
+import torch
+from support import inputs, text_model
+
+import crosstrim
+from crosstrim import memory, tiny
+
+# Three samples, so a prefill batch of 2 splits them unevenly (2 + 1): two images (2 + 1 tiles, so
+# padding tiles); one 4-tile image (left padded, an empty image slot); two 1-tile images after text.
+TWO_IMAGES = [
+    ([2, 1], "<|image|> what is the color <|image|> of the circle ?"),
+    ([4], "<|image|> how many shapes are there ?"),
+    ([1, 1], "describe it <|image|> a red <|image|> left"),
+]
+ONE_IMAGE = [
+    ([1], "<|image|> what is the color of the circle ?"),
+    ([4], "<|image|> how many shapes ?"),
+    ([2], "<|image|> describe it"),
+]
+CONFIGS = [
+    None,
+    crosstrim.TrimConfig(k_ratio=0.1),
+    crosstrim.TrimConfig(keep_ratio=0.3),
+    crosstrim.TrimConfig(method="mean", keep_ratio=0.3),
+    crosstrim.TrimConfig(method="random", keep_ratio=0.3, seed=3),
+    crosstrim.TrimConfig(method="uniform", keep_ratio=0.3),
+    crosstrim.TrimConfig(k_ratio=0.1, summarize_dropped=True),
+    crosstrim.TrimConfig(k_ratio=0.1, trim_first_layer_cache=True),
+]
+
+
+def describe(config):
+    if config is None:
+        return "full"
+    return config.describe() + (" first-cache" if config.trim_first_layer_cache else "")
+
+
+GREEDY = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+DETAILED = {"return_dict_in_generate": True, "output_logits": True, "output_scores": True}
+
+
+def trim_context(model, config):
+    return crosstrim.trimmed(model, config) if config is not None else _no_trim()
+
+
+class _no_trim:
+    stats = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def assert_same_stats(got, expected):
+    assert (got is None) == (expected is None)
+    if expected is None:
+        return
+    for field in dataclasses.fields(expected):
+        a, b = getattr(got, field.name), getattr(expected, field.name)
+        if field.name == "kept_indices":
+            assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+        else:
+            assert a == b, field.name
+
+
+def run_both(model, batch, config, prefill_batch_size=2, **kwargs):
+    """(one-shot output, its stats, micro-batched output, its stats), same seed before each."""
+    with trim_context(model, config) as handle:
+        torch.manual_seed(0)
+        expected = model.generate(**batch, **kwargs)
+        expected_stats = handle.stats
+        torch.manual_seed(0)
+        got = crosstrim.generate(model, prefill_batch_size=prefill_batch_size, **batch, **kwargs)
+        got_stats = handle.stats
+    assert "forward" not in vars(model)  # the first-step answer is gone
+    return expected, expected_stats, got, got_stats
+
+
+def assert_same_output(got, expected):
+    assert type(got) is type(expected)
+    assert torch.equal(got.sequences, expected.sequences)
+    for name in ("logits", "scores"):
+        assert len(getattr(got, name)) == len(getattr(expected, name))
+        for a, b in zip(getattr(got, name), getattr(expected, name)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def cross_layers(model):
+    return sorted(text_model(model).config.cross_attention_layers)
+
+
+@pytest.fixture(scope="module")
+def two_images(tiny_model):
+    return inputs(tiny_model[1], TWO_IMAGES)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=describe)
+def test_greedy_equals_one_shot_generate(model, two_images, config):
+    expected, expected_stats, got, stats = run_both(model, two_images, config, **GREEDY, **DETAILED)
+    assert_same_output(got, expected)
+    assert_same_stats(stats, expected_stats)
+    held = memory.held_kv_bytes(got.past_key_values, cross_layers(model)).cross_attn
+    assert held == memory.held_kv_bytes(expected.past_key_values, cross_layers(model)).cross_attn
+    if config is not None:
+        assert held == stats.kv_bytes_kept
+        # Not vacuous: tokens were dropped, and the micro-batches kept different widths, so the
+        # second one was padded to the first one's when the caches were merged.
+        assert all(k < v for k, v in zip(stats.kept_counts, stats.valid_counts))
+        assert max(stats.kept_counts[:2]) != stats.kept_counts[2]
+
+
+@pytest.mark.parametrize(
+    "config", [None, crosstrim.TrimConfig(k_ratio=0.25), crosstrim.TrimConfig(method="random", keep_ratio=0.3)]
+)
+@pytest.mark.parametrize("prefill_batch_size", [1, 2])
+def test_one_image_per_sample(model, processor, config, prefill_batch_size):
+    batch = inputs(processor, ONE_IMAGE, seed=5)
+    expected, expected_stats, got, stats = run_both(
+        model, batch, config, prefill_batch_size=prefill_batch_size, **GREEDY, **DETAILED
+    )
+    assert_same_output(got, expected)
+    assert_same_stats(stats, expected_stats)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"do_sample": True, "top_k": 0, "temperature": 1.0},
+        {"num_beams": 3, "do_sample": False},
+        {"do_sample": True, "num_return_sequences": 2},
+        {"num_beams": 2, "num_return_sequences": 2, "do_sample": False},
+    ],
+    ids=["sampling", "beam", "sampling-n2", "beam-n2"],
+)
+def test_generate_modes_equal_one_shot(model, two_images, mode):
+    config = crosstrim.TrimConfig(k_ratio=0.1, summarize_dropped=True)
+    kwargs = {"max_new_tokens": 4, "pad_token_id": 0, **mode}
+    expected, expected_stats, got, stats = run_both(model, two_images, config, **kwargs)
+    assert torch.equal(got, expected)
+    rows = len(TWO_IMAGES) * max(mode.get("num_beams", 1), mode.get("num_return_sequences", 1))
+    assert len(stats.kept_counts) == rows
+    assert_same_stats(stats, expected_stats)
+
+
+def test_small_batches_and_text_only_go_straight_to_generate(model, processor, two_images):
+    expected, _, got, _ = run_both(model, two_images, None, prefill_batch_size=3, **GREEDY)
+    assert torch.equal(got, expected)
+    text = processor(text=["what is in the image ?", "describe it"], return_tensors="pt", padding=True)
+    expected, _, got, _ = run_both(model, text, crosstrim.TrimConfig(k_ratio=0.1), prefill_batch_size=1, **GREEDY)
+    assert torch.equal(got, expected)
+
+
+def test_bad_arguments_raise_clear_errors(model, processor, two_images):
+    def call(error, match, prefill_batch_size=1, target=model, **kwargs):
+        with pytest.raises(error, match=match):
+            crosstrim.generate(target, prefill_batch_size=prefill_batch_size, **{**two_images, **GREEDY, **kwargs})
+        assert "forward" not in vars(model)
+
+    call(ValueError, "prefill_batch_size must be >= 1", prefill_batch_size=0)
+    call(TypeError, "prefill_batch_size must be an int", prefill_batch_size=True)
+    call(TypeError, "MllamaForConditionalGeneration", target=torch.nn.Linear(2, 2))
+    call(TypeError, "MllamaForConditionalGeneration", target=text_model(model))
+    call(ValueError, "drop cache", cache=object())
+    call(ValueError, "cache_implementation='static'", cache_implementation="static")
+    call(ValueError, "use_cache=False", use_cache=False)
+    call(ValueError, "assisted decoding", prompt_lookup_num_tokens=2)
+    call(ValueError, "output_attentions", output_attentions=True, return_dict_in_generate=True)
+    call(ValueError, "inputs_embeds", inputs_embeds=torch.zeros(3, 2, 4))
+    call(ValueError, "attention_mask", attention_mask=None)
+    call(ValueError, r"pixel_values must have one row per sample \(3\)", pixel_values=two_images["pixel_values"][:2])
+    # An error inside generate itself leaves the model's forward as it was.
+    call(ValueError, "max_new_tokens", max_new_tokens=-1)
+
+
+def test_a_second_model_is_not_affected(processor, two_images):
+    """The first-step answer is installed on the model instance only, and only during the call."""
+    first, _ = tiny.random_model(seed=0, processor=processor)
+    second, _ = tiny.random_model(seed=1, processor=processor)
+    expected = second.generate(**two_images, **GREEDY)
+    crosstrim.generate(first, prefill_batch_size=1, **two_images, **GREEDY)
+    assert torch.equal(second.generate(**two_images, **GREEDY), expected)
