@@ -50,10 +50,10 @@ class Footprint:
     def peak(self, batch: int) -> int:
         return self.held + batch * (self.kv + self.inputs) + max(self.transient, batch * self.merge)
 
-    def largest_batch(self, budget: float, limit: int = 1 << 20) -> int:
-        """Largest batch (<= ``limit``) whose predicted peak fits ``budget`` bytes; 0 if none."""
+    def largest_batch(self, budget: float) -> int:
+        """Largest batch whose predicted peak fits ``budget`` bytes; 0 if none."""
         room = budget - self.held
-        b = min(limit, max(0, math.floor((room - self.transient) / (self.kv + self.inputs))))
+        b = max(0, math.floor((room - self.transient) / (self.kv + self.inputs)))
         b = min(b, max(0, math.floor(room / (self.kv + self.inputs + self.merge))))
         return b if b > 0 and self.peak(b) <= budget else 0
 
@@ -168,7 +168,7 @@ def search(model, mm: memory.MemoryModel, variants: list, args, clock: Clock) ->
         per_input = calibration["input_bytes"] // n
         transient = calibration["peak_bytes"] - held - n * (kv + per_input)
         fp = Footprint(held, kv, per_input, max(0, transient), merge_bytes(mm, dtype, text, kept, first))
-        predicted = fp.largest_batch(budget, args.max_batch)
+        predicted = fp.largest_batch(budget)
         measured = largest_fitting(lambda b: 0 <= probe(b)["peak_bytes"] <= budget, max(predicted, 1), args.max_batch)
         at = runs.get(measured, {})
         result = {
@@ -254,18 +254,18 @@ def full_weights_bytes(dims: str, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
-def compose(results: list[dict], mm, ref, model, args, vision: dict | None) -> list[dict]:
+def compose(results: list[dict], mm, ref, args, dtype: torch.dtype, weights: int, vision: dict | None) -> list[dict]:
     """Composed, not measured: each variant at the preset's full depth within ``args.full_depth_budget`` GB.
 
     Memory: :class:`Footprint` with the preset's weights (all of them, counted), the runtime measured here
     (held minus this model's weights), the preset's KV per sample (memory model), the same inputs, a
     transient of ``max(measured here, the composed real vision encoder's)``, and the preset's merge term.
     Decode: :func:`decode_time_model` at the preset's depth; beside it, tokens/s by bytes moved
-    (``B / (W + B (S + C_r))``, what a memory-bound GPU would give).
+    (``B / (W + B (S + C_r))``, what a memory-bound GPU would give). ``weights``: the measured model's bytes.
     """
-    dtype, first, text, steps = model.dtype, args.trim_first_layer_cache, max(args.text_values), args.decode_steps
+    first, text, steps = args.trim_first_layer_cache, max(args.text_values), args.decode_steps
     budget = args.full_depth_budget * GB
-    runtime = results[0]["footprint"]["held"] - sum(p.numel() * p.element_size() for p in model.parameters())
+    runtime = results[0]["footprint"]["held"] - weights
     weights = full_weights_bytes(args.dims, dtype)
     step = decode_time_model(results, mm, first)
     rows = []

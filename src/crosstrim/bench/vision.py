@@ -22,18 +22,17 @@ import statistics
 
 import torch
 
-from crosstrim import memory
 from crosstrim.bench.measure import Clock, peak, reset_peak
 
 
-def time_vision(dims: str, device: torch.device, dtype: torch.dtype, repeats: int, clock: Clock) -> dict:
-    """Seconds per image of the preset's vision encoder and projector at full depth, composed from one
-    local and one global layer measured here; and its composed peak memory above its weights, in bytes."""
+def time_vision(config, device: torch.device, dtype: torch.dtype, repeats: int, clock: Clock) -> dict:
+    """Seconds per image of the vision encoder and projector of ``config`` (an ``MllamaConfig``, e.g.
+    :func:`crosstrim.memory.preset_config`) at its full depth, composed from one local and one global layer
+    measured here; and its composed peak memory above its weights and input, in bytes."""
     from transformers.models.mllama.configuration_mllama import MllamaVisionConfig
     from transformers.models.mllama.modeling_mllama import MllamaVisionModel
 
-    real = memory.preset_config(dims)
-    vision, text_hidden = real.vision_config, real.text_config.hidden_size
+    vision, text_hidden = config.vision_config, config.text_config.hidden_size
     small = vision.to_dict() | {"num_hidden_layers": 1, "num_global_layers": 1, "intermediate_layers_indices": [0]}
     small["vision_output_dim"] = 2 * vision.hidden_size
     torch.manual_seed(0)
@@ -84,7 +83,6 @@ def time_vision(dims: str, device: torch.device, dtype: torch.dtype, repeats: in
     wider_output = tokens * (vision.vision_output_dim - small["vision_output_dim"]) * dtype.itemsize
     transient = med["peak"] + (sum(depth) - 2) * state + wider_output
     return {
-        "dims": dims,
         "layers": {"local": depth[0], "global": depth[1]},
         "hidden": vision.hidden_size,
         "tokens_per_image": tokens,

@@ -242,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         source += ", full vision encoder" if args.real_vision else ", tiny vision encoder with the real tile geometry"
     mm, args.kv_dtype = memory.MemoryModel.from_config(model.config, name=args.tag or "bench"), model.dtype
     size = f"{mm.max_tiles} tiles x {mm.tokens_per_tile} tokens"
-    source += f"; latency grid fed random precomputed image features of the config's size ({size})"
+    source += f"; fed random precomputed image features of the config's size ({size}) in the latency grid"
+    source += ", random pixels in the budget search" if args.memory_budget else ""
     # Full-depth view: the measured layers composed to the preset's depth (random model only).
     ref = memory.preset(args.dims) if args.model is None and args.dims in memory.PRESETS else None
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     vision = None
     if ref is not None:
         print(f"vision encoder: timing one local and one global layer at real {ref.name} dimensions ...", flush=True)
-        vision = time_vision(args.dims, device, model.dtype, args.repeats, clock)
+        vision = time_vision(memory.preset_config(args.dims), device, model.dtype, args.repeats, clock)
     rows, w = summarise(samples, mm, ref, args, vision and vision["seconds_per_image"]), mm.decode_weight_bytes(dtype)
     print(f"\nMeasured on {source}; {device}, {threads}, {model.dtype}.")
     print(render(rows, COLUMNS if cpu else COLUMNS.replace("|cpu-time ratio={decode_cpu_ratio:.3f}", "")))
@@ -279,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
     budget = composed = None
     if args.memory_budget:
         budget = capacity.search(model, mm, args.budget_variants, args, clock)
-        composed = capacity.compose(budget, mm, ref, model, args, vision) if ref is not None else None
+        if ref is not None:
+            composed = capacity.compose(budget, mm, ref, args, model.dtype, weights, vision)
         print_capacity(budget, composed, mm, ref, args, vision)
 
     machine["loadavg_end"] = os.getloadavg()
