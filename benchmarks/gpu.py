@@ -8,10 +8,10 @@ Three steps, each writing its files as it finishes, so a run cut short keeps wha
 1. correctness on the device: trimmed logits vs the masked reference (``tests/support.py``: the unpatched
    model with every dropped image token masked) on a random tiny model, in float32 and bfloat16, for the
    paper's rule, an exact fraction and a trimmed first-layer cache; and ``crosstrim.generate`` micro-batched
-   vs one-shot greedy tokens. Tolerances: float32 max |logit difference| <= 1e-4 (TF32 off; the CPU tests hold
-   1e-5, GPU kernels reduce in other orders); bfloat16 <= 0.0625, i.e. 16 units in the last place at
-   logits of magnitude ~1 (bf16 carries 8 significant bits; trimmed and reference sum attention over
-   different lengths, so they round differently), reported beside the float32 figure;
+   vs one-shot greedy tokens. Tolerances on max |logit difference|: float32 1e-4 (TF32 off; the CPU tests hold
+   1e-5, GPU kernels reduce in other orders); bfloat16 8 units in the last place of the largest logit,
+   ``8 * 2**-7 * max|logit|`` (bf16 carries 8 significant bits, and trimmed and reference sum attention over
+   different lengths, so they round differently); the smoke run on CPU measured 2e-3 in bf16;
 2. ``crosstrim bench`` at full 11B depth (40 layers, 8 cross, full vocabulary), random weights, bf16,
    batch 1..128 at 128 text tokens, full vs keep 0.5 / 0.25 / 0.1;
 3. ``crosstrim bench --memory-budget`` with the full 11B vision encoder: the largest batch each variant fits
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,9 +34,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the masked reference lives with the tests
+SOURCE = str(ROOT / "src")  # this checkout's crosstrim, installed or not
+sys.path[:0] = [SOURCE, str(ROOT / "tests")]  # the masked reference lives with the tests
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.0625}
+ULP = {torch.float32: None, torch.bfloat16: 2**-7}  # bf16: relative spacing of values in [1, 2)
 BATCH = [  # (tiles per image, prompt) for the tiny processor: several images, padding tiles, left padding
     ([2, 1], "<|image|> what is the color <|image|> of the circle ?"),
     ([4], "<|image|> how many shapes are there ?"),
@@ -59,7 +61,7 @@ def correctness(device: torch.device) -> dict:
     model, processor = tiny.random_model(seed=0)
     batch = inputs(processor, BATCH)
     results = []
-    for dtype in TOLERANCE:
+    for dtype, ulp in ULP.items():
         model.to(device, dtype)
         feed = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
         feed["position_ids"] = positions(feed["attention_mask"])
@@ -70,9 +72,12 @@ def correctness(device: torch.device) -> dict:
             with torch.no_grad(), masked_reference(model, tuple(k.to(device) for k in kept), handle.stats.image_tokens):
                 reference = model(**feed).logits.float()
             diff = (logits - reference).abs().max().item()
-            results.append({"dtype": str(dtype), "config": config.describe(), "first_layer": config.trim_first_layer_cache})
-            results[-1] |= {"max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype], "ok": diff <= TOLERANCE[dtype]}
-            print(f"  {dtype} {config.describe():>16}: max |trimmed - masked reference| = {diff:.2e}", flush=True)
+            tolerance = 1e-4 if ulp is None else 8 * ulp * reference.abs().max().item()
+            ok, first = diff <= tolerance, config.trim_first_layer_cache
+            results.append({"dtype": str(dtype), "config": config.describe(), "first_layer": first, "ok": ok})
+            results[-1] |= {"max_abs_logit_diff": diff, "tolerance": tolerance}
+            label = f"{dtype} {config.describe():>16}"
+            print(f"  {label}: max |trimmed - masked reference| = {diff:.2e} (tolerance {tolerance:.1e})", flush=True)
     model.to(device, torch.float32)
     feed = {k: v.to(device) for k, v in batch.items()}
     greedy = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
@@ -91,7 +96,8 @@ def bench(argv: list[str], log: Path, limit: int) -> int:
     print("$ " + " ".join(command), flush=True)
     with log.open("w") as out:
         out.write("$ " + " ".join(command) + "\n")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [SOURCE, os.environ.get("PYTHONPATH")]))}
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         start = time.monotonic()
         for line in process.stdout:
             print(line, end="", flush=True)
@@ -113,7 +119,10 @@ def main() -> int:
         print("no CUDA device: run on a GPU, or pass --smoke to check the script on CPU", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.smoke else "cuda")
-    out = Path(args.out or (tempfile.mkdtemp(prefix="crosstrim-gpu-smoke-") if args.smoke else ROOT / "benchmarks/results"))
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(tempfile.mkdtemp(prefix="crosstrim-gpu-smoke-")) if args.smoke else ROOT / "benchmarks/results"
     out.mkdir(parents=True, exist_ok=True)
     name = "smoke-cpu" if args.smoke else torch.cuda.get_device_name().replace(" ", "-")
     started = time.monotonic()
@@ -138,7 +147,8 @@ def main() -> int:
     vision = [] if args.smoke else ["--real-vision"]
     tag = ["--tag", "gpu-11b-L40-budget"]
     bench([*common, *small, *budget, *vision, "--k-ratio", "0.25", *tag], out / "gpu-11b-L40-budget.log", 270)
-    print(f"done in {time.monotonic() - started:.0f} s; files in {out}; correctness {'ok' if check['ok'] else 'FAILED'}")
+    verdict = "ok" if check["ok"] else "FAILED"
+    print(f"done in {time.monotonic() - started:.0f} s; files in {out}; correctness {verdict}")
     return 0 if check["ok"] else 1
 
 

@@ -178,6 +178,7 @@ def search(model, mm: memory.MemoryModel, variants: list, args, clock: Clock) ->
             "kv_matches_model": calibration["kv_bytes"] == n * kv_model if exact else None,
             "predicted": predicted,
             "measured": measured,
+            "capped": measured == args.max_batch,  # the search stopped at --max-batch, not at the budget
             "probes": {b: v["peak_bytes"] for b, v in sorted(runs.items())},
             "calibration": calibration,
             "at_largest": at,
@@ -190,7 +191,8 @@ def search(model, mm: memory.MemoryModel, variants: list, args, clock: Clock) ->
             )
         results.append(result)
         probes = ", ".join(f"{b}: {p / GB:.2f} GB" for b, p in result["probes"].items())
-        print(f"  {name:>13}: largest batch predicted {predicted}, measured {measured} (peaks {probes})", flush=True)
+        stop = " (--max-batch)" if result["capped"] else ""
+        print(f"  {name:>13}: largest batch predicted {predicted}, measured {measured}{stop} (peaks {probes})")
     full = results[0]
     for res in results[1:]:  # trimmed / full: batch, tokens/s, and tokens/s predicted by bytes moved
         res["batch_ratio"] = res["measured"] / full["measured"] if full["measured"] else None

@@ -112,7 +112,7 @@ def units(row: dict) -> dict:
     if fp:
         extra |= {"kv_mb": fp["kv"] / MB, "inputs_mb": fp["inputs"] / MB, "merge_mb": fp["merge"] / MB}
         extra["transient_gb"] = fp["transient"] / GB
-    if row.get("predicted"):
+    if row.get("predicted") and not row.get("capped"):
         extra["off"] = row["measured"] / row["predicted"] - 1
     if "ttft_s" in row.get("at_largest", {}):
         extra["ttft_s"] = row["at_largest"]["ttft_s"]
