@@ -9,6 +9,7 @@ import pytest
 import torch
 from support import run_cli
 
+import crosstrim
 from crosstrim import memory, tiny
 from crosstrim.bench import capacity, summary, vision
 from crosstrim.bench.measure import Clock, status_bytes
@@ -56,13 +57,22 @@ def test_bench_runs_on_a_checkpoint_directory(capsys, tmp_path, checkpoint_dir):
     assert result["samples"][1]["valid"] == [4 * 17]  # every tile of the checkpoint's 4 x 17-token image slot
 
 
-def test_memory_budget_search_reports_predicted_and_measured(capsys, tmp_path):
+def test_memory_budget_search_reports_predicted_and_measured(capsys, tmp_path, monkeypatch):
+    calls, generate = [], crosstrim.generate
+
+    def recorded(model, *, prefill_batch_size, **kwargs):
+        calls.append((len(kwargs["input_ids"]), prefill_batch_size, "pixel_values" in kwargs))
+        return generate(model, prefill_batch_size=prefill_batch_size, **kwargs)
+
+    monkeypatch.setattr(crosstrim, "generate", recorded)
     argv = [*ARGS[:6], "--keep", "0.25", "--decode-steps", "1", "--repeats", "1", "--threads", "1"]
     budget_gb = f"{status_bytes('VmRSS') / 1e9 + 0.5:.2f}"  # what this process holds + 0.5 GB: always available
-    code, out, err = run_cli(
-        capsys, "bench", *argv, "--memory-budget", budget_gb, "--max-batch", "3", "--out", tmp_path
-    )
+    argv += ["--memory-budget", budget_gb, "--max-batch", "3", "--prefill-batch", "2"]
+    code, out, err = run_cli(capsys, "bench", *argv, "--out", tmp_path)
     assert code == 0, err
+    # Every probe is a user's call: pixels in, micro-batched prefill; per variant a calibration (one micro-batch),
+    # then the search from the prediction (capped at 3).
+    assert calls == [(2, 2, True), (3, 2, True)] * 3
     budget = json.loads((tmp_path / "bench-tiny-L4-cpu.json").read_text())["memory_budget"]
     assert [b["variant"] for b in budget] == ["full", "keep 0.25", "k_ratio 0.25"]  # the paper's rule searched too
     assert all(b["measured"] == 3 and b["predicted"] > 3 for b in budget)  # the tiny model fits; capped at 3
