@@ -1,13 +1,20 @@
-# Two set-up commands: `make demo` and `make test`. Each creates .venv with everything it needs.
+# Two set-up commands: `make demo` and `make test`. Each creates the environments it needs (.venv; `make test`
+# also .venv-oldest, with the oldest supported transformers, for the core suites).
 # torch is pinned to the CPU build this machine provides; set TORCH_SPEC to use another
 # (e.g. TORCH_SPEC="torch" for your CUDA build), or point PYTHON at an existing environment.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The oldest supported transformers, for the core suites: a second environment, same torch, no lmms-eval.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TRANSFORMERS ?= transformers==4.57.3
+OLDEST_BIN := $(OLDEST_VENV)/bin
+CORE_TESTS := tests/test_method.py tests/test_mllama.py tests/test_memory.py tests/test_cli.py tests/test_reliability.py \
+	tests/test_generation.py tests/test_batch.py tests/test_config.py
 export TORCH_PINS := import torch; v = torch.__version__.split("+")[0]; print(f"torch=={v} torchvision==0.{int(v.split('.')[1]) + 15}.*")
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-oldest lint venv venv-oldest clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +31,15 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+$(OLDEST_BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_BIN)/python -c "import torch" 2>/dev/null || $(OLDEST_BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(OLDEST_BIN)/python -m pip install -q -e ".[test]" "$(OLDEST_TRANSFORMERS)" \
+		"torch==$$($(OLDEST_BIN)/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+	touch $@
+
+venv-oldest: $(OLDEST_BIN)/.installed
+
 demo: venv
 	$(BIN)/crosstrim demo
 
@@ -31,9 +47,14 @@ test: venv
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/python -m pytest
+	$(MAKE) test-oldest
+
+# The core suites (method, integration, memory, CLI, reliability) against the oldest supported transformers.
+test-oldest: venv-oldest
+	$(OLDEST_BIN)/python -m pytest $(CORE_TESTS)
 
 lint: venv
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) build dist src/*.egg-info

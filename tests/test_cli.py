@@ -40,7 +40,7 @@ def test_generate_summarize_dropped_and_its_one_conflict(capsys, checkpoint_dir,
     assert code == 0, err
     assert "answer (trimmed k=0.25 +summary):" in out
     code, _, err = run_cli(capsys, *common, "--summarize-dropped", "--trim-first-layer-cache")
-    assert code == 2 and "set trim_first_layer_cache=False" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "set --trim-first-layer-cache=False" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -52,8 +52,10 @@ def test_generate_summarize_dropped_and_its_one_conflict(capsys, checkpoint_dir,
         (["--image", "{bad_image}"], "cannot read image"),
         (["--image", "{missing_image}"], "does not exist"),
         (["--no-image"], "no image"),
-        (["--k-ratio", "1.5"], "k_ratio must be in (0, 1]"),
-        (["--method", "random"], "needs keep_ratio"),
+        (["--k-ratio", "1.5"], "--k-ratio must be in (0, 1], got 1.5"),
+        (["--k-ratio", "abc"], "--k-ratio must be a number, got 'abc'"),
+        (["--seed", "1.5"], "--seed must be a whole number, got '1.5'"),
+        (["--method", "random"], "--method='random' needs --keep-ratio"),
         (["--prompt", "<|image|> <|image|> two ?"], "2 <|image|> tokens but 1 images"),
         (["--device", "cuda:7"], "CUDA is not available"),
     ],

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from crosstrim import TrimConfig, tiny
-from crosstrim.tools import checkpoint, distributed, vlmeval
-from crosstrim.tools.dataset import Item
-from crosstrim.tools.inference import Prediction
+from crosstrim.evaluation import checkpoint, distributed, vlmeval_tsv
+from crosstrim.evaluation.dataset import Item
+from crosstrim.evaluation.inference import Prediction
 
 
 @pytest.mark.parametrize(("count", "world", "batch"), [(7, 2, 2), (10, 3, 1), (5, 4, 2), (1, 2, 4), (0, 2, 3)])
@@ -47,11 +47,11 @@ WORKER = """
 import json, sys
 import torch
 from crosstrim import TrimConfig
-from crosstrim.tools import checkpoint, distributed, vlmeval
+from crosstrim.evaluation import checkpoint, distributed, vlmeval_tsv
 
 torch.set_num_threads(1)
 model_dir, data, out = sys.argv[1:4]
-items = vlmeval.load_tsv(data).items
+items = vlmeval_tsv.load_tsv(data).items
 with distributed.process_group(device="cpu") as me:
     assert torch.distributed.is_initialized() == (me.world_size > 1)
     model, processor = checkpoint.load(model_dir, str(me.device))
@@ -92,7 +92,7 @@ def test_two_cpu_processes_give_the_predictions_of_one(tmp_path):
          "question": "what color is the circle ?", "answer": "Yes"}
         for i in range(7)
     ]  # fmt: skip
-    data = vlmeval.write_tsv(tmp_path / "items.tsv", rows)
+    data = vlmeval_tsv.write_tsv(tmp_path / "items.tsv", rows)
     two, two_shards = run_workers(tmp_path, 2, tmp_path / "model", data)
     assert two_shards == [["0", "1", "2", "3"], ["4", "5", "6"]]  # both processes answered
     # One process: this one, with the workers' settings (one thread, same model files and items).
@@ -101,7 +101,7 @@ def test_two_cpu_processes_give_the_predictions_of_one(tmp_path):
     try:
         model, processor = checkpoint.load(tmp_path / "model", "cpu")
         single = distributed.predict_sharded(
-            model, processor, vlmeval.load_tsv(data).items, TrimConfig(k_ratio=0.25), batch_size=2, max_new_tokens=3
+            model, processor, vlmeval_tsv.load_tsv(data).items, TrimConfig(k_ratio=0.25), batch_size=2, max_new_tokens=3
         )
     finally:
         torch.set_num_threads(threads)

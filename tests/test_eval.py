@@ -8,11 +8,11 @@ from PIL import Image
 from support import run_cli
 
 from crosstrim import cli
+from crosstrim.evaluation import UserError, sources
+from crosstrim.evaluation.dataset import Item
+from crosstrim.evaluation.inference import Prediction
 from crosstrim.testbed import data
-from crosstrim.tools import UserError, sources
 from crosstrim.tools import eval as evaluate
-from crosstrim.tools.dataset import Item
-from crosstrim.tools.inference import Prediction
 
 
 def test_eval_writes_table_json_and_plot(tmp_path, capsys):
@@ -157,11 +157,15 @@ def test_overlap_of_top_tokens():
         (["eval", "--data", "{empty}"], "has no items"),
         (["eval", "--data", "{nowhere}"], "does not exist"),
         (["eval", "--model", "{not_mllama}"], "'llama' model"),
-        (["eval", "--k-ratios", "0.5,x"], "comma-separated numbers"),
-        (["eval", "--methods", "best"], "unknown method 'best'"),
+        (["eval", "--k-ratios", "0.5,x"], "--k-ratios must be a number, got 'x'"),
+        (["eval", "--keep-ratios", "0.5,1.5"], "--keep-ratios must be in (0, 1], got 1.5"),
+        (["eval", "--seed", "x"], "--seed must be a whole number, got 'x'"),
+        (["eval", "--methods", "best"], "--methods: unknown method 'best'"),
         (["viz", "--model", "{not_mllama}"], "'llama' model"),
         (["viz", "--image", "{csv}", "--prompt", "what ?"], "cannot read image"),
         (["viz", "--out", "{garbage}"], "must name a .png"),
+        (["viz", "--keep-ratio", "0"], "--keep-ratio must be in (0, 1], got 0.0"),
+        (["demo", "--k-ratio", "x"], "--k-ratio must be a number, got 'x'"),
         (["demo", "--model", "{nowhere}"], "does not exist"),
         (["testbed", "data", "--out", "{nowhere}", "--count", "0"], "--count must be at least 1"),
     ],
@@ -198,8 +202,8 @@ def test_sources_registry_is_keyed_by_suffix():
 
 
 def test_encode_pads_left_without_changing_the_callers_processor():
+    from crosstrim.evaluation import inference
     from crosstrim.testbed import model as testbed_model
-    from crosstrim.tools import inference
 
     processor = testbed_model.build_processor()
     processor.tokenizer.padding_side = "right"

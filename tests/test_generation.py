@@ -185,3 +185,16 @@ def test_a_second_model_is_not_affected(processor, two_images):
     expected = second.generate(**two_images, **GREEDY)
     crosstrim.generate(first, prefill_batch_size=1, **two_images, **GREEDY)
     assert torch.equal(second.generate(**two_images, **GREEDY), expected)
+
+
+def test_one_new_token_and_beams_from_a_generation_config(model, two_images):
+    from transformers import GenerationConfig
+
+    config = crosstrim.TrimConfig(keep_ratio=0.3)
+    expected, _, got, _ = run_both(model, two_images, config, max_new_tokens=1, pad_token_id=0, **DETAILED)
+    assert_same_output(got, expected)
+    beams = GenerationConfig(num_beams=2, do_sample=False, max_new_tokens=3, pad_token_id=0)
+    expected, expected_stats, got, stats = run_both(model, two_images, config, generation_config=beams)
+    assert torch.equal(got, expected)
+    assert len(stats.kept_counts) == 2 * len(TWO_IMAGES)
+    assert_same_stats(stats, expected_stats)

@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 
 from crosstrim import TrimConfig, cli, testbed, tiny
-from crosstrim.tools import checkpoint, sources, vlmeval
-from crosstrim.tools.inference import encode, predict
+from crosstrim.evaluation import checkpoint, sources, vlmeval_metrics, vlmeval_tsv
+from crosstrim.evaluation.inference import encode, predict
 
 pytest.importorskip("lmms_eval")
 from lmms_eval.api.instance import Instance
 
 from crosstrim.integrations import lmms_eval as adapter
+from crosstrim.integrations import lmms_eval_tasks as lmms_tasks
 
 TASK = "crosstrim_pope_fixture"
 MODEL_ARGS = "method=trimmed,k_ratio=0.25,batch_size=2,device=cpu"
@@ -127,7 +128,7 @@ def heldout(tmp_path_factory):
         assert cli.main([str(a) for a in args]) == 0
     runs = {r["label"]: r for r in json.loads((root / "eval" / "results.json").read_text())["runs"]}
     items = sources.load(data).items
-    adapter.write_task(items, root / "task", TESTBED_TASK, max_new_tokens=NEW_TOKENS)
+    lmms_tasks.write_task(items, root / "task", TESTBED_TASK, max_new_tokens=NEW_TOKENS)
     return root, items, {label: runs[label] for label in TESTBED_RUNS}
 
 
@@ -203,11 +204,11 @@ def yes_no_model(items):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms")
-    items = vlmeval.load_tsv(vlmeval.write_tsv(root / "POPE.tsv", pope_rows())).items
+    items = vlmeval_tsv.load_tsv(vlmeval_tsv.write_tsv(root / "POPE.tsv", pope_rows())).items
     model, processor = yes_no_model(items)
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
-    adapter.write_task(items, root / "task", TASK, max_new_tokens=1)
+    lmms_tasks.write_task(items, root / "task", TASK, max_new_tokens=1)
     return root, items
 
 
@@ -219,7 +220,7 @@ def test_lmms_eval_scores_a_vlmevalkit_task_with_its_official_metrics(setup, tmp
         expected = predict(model, processor, items, TrimConfig(k_ratio=0.25), batch_size=2, max_new_tokens=1)
     texts = [p.text for p in expected]
     assert set(texts) == {"yes", "no"}  # the fixture model's answers depend on the image
-    metrics = vlmeval.score(items, texts)
+    metrics = vlmeval_metrics.score(items, texts)
     assert 0 < metrics["f1"] < 100 and 0 < metrics["acc"] < 100
 
     model_args = f"pretrained={root / 'model'},{MODEL_ARGS},stats_path={tmp_path / 'stats.jsonl'}"
@@ -290,18 +291,36 @@ def test_model_args_errors_and_registration(setup):
     assert dispatched.device == torch.device("cpu") and dispatched.config == TrimConfig(k_ratio=0.25)
     _, pope = setup
     with pytest.raises(ValueError, match=r"write_task takes the items of one VLMEvalKit benchmark .* these mix"):
-        adapter.write_task([pope[0], item_without_benchmark("x")], root / "bad", "bad")
+        lmms_tasks.write_task([pope[0], item_without_benchmark("x")], root / "bad", "bad")
     with pytest.raises(ValueError, match="do not give distinct Python names"):
-        adapter.write_task([item_without_benchmark("a b"), item_without_benchmark("a-b")], root / "bad", "bad")
+        lmms_tasks.write_task([item_without_benchmark("a b"), item_without_benchmark("a-b")], root / "bad", "bad")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(False, False), ("False", False), ("false", False), ("0", False), ("no", False), (True, True), ("True", True)],
+)
+def test_model_args_booleans_parse_strictly(given, expected):
+    # bool("False") is True: a Python caller passing the string used to get the option it turned off.
+    assert adapter.trim_config("trimmed", summarize_dropped=given).summarize_dropped is expected
+    assert adapter.trim_config("trimmed", trim_first_layer_cache=given).trim_first_layer_cache is expected
+
+
+def test_model_args_go_through_the_shared_option_parser():
+    with pytest.raises(ValueError, match=r"summarize_dropped must be true or false .*got 'maybe'"):
+        adapter.trim_config("trimmed", summarize_dropped="maybe")
+    with pytest.raises(ValueError, match=r"seed must be a whole number, got '1\.5'"):
+        adapter.trim_config("random", keep_ratio="0.5", seed="1.5")
+    assert adapter.trim_config("mean", keep_ratio="0.5", seed="7") == TrimConfig(method="mean", keep_ratio=0.5, seed=7)
 
 
 def item_without_benchmark(category: str):
-    from crosstrim.tools.dataset import Item
+    from crosstrim.evaluation.dataset import Item
 
     return Item("1", (Image.new("RGB", (8, 8)),), "q", "a", category)
 
 
 def test_exact_match_scores_are_crosstrim_evals_accuracies():
     items = [item_without_benchmark(c) for c in ("local", "global", "local")]
-    scores = adapter.exact_match_scores(items, ["A.", "b", "no"])
+    scores = lmms_tasks.exact_match_scores(items, ["A.", "b", "no"])
     assert scores == {"accuracy": 1 / 3, "local/accuracy": 0.5, "global/accuracy": 0.0}

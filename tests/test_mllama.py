@@ -1,5 +1,7 @@
 """Trimming a stock transformers Mllama: equivalence, batching, cache, generate, errors."""
 
+import contextlib
+
 import pytest
 import torch
 from support import inputs, masked_reference, positions, summary_reference, text_model, valid_image_tokens
@@ -293,23 +295,100 @@ def test_generate_modes_match_the_masked_reference(model, batch, mode):
         assert torch.equal(trimmed_tokens, model.generate(**batch, **kwargs))
 
 
-def test_text_only_and_image_less_samples_pass_through(model, processor):
-    text = processor(text=["what is in the image ?"], return_tensors="pt")
-    # A batch where sample 1 has no image, as transformers 5's processor builds it (4.57's refuses):
-    # its tile mask and aspect ratio are zero, so every row of it is "fully masked".
+def image_less_sample(processor):
+    """A batch where sample 1 has no image, as transformers 5's processor builds it (4.57's refuses):
+    its tile mask and aspect ratio are zero, so every row of it is "fully masked"."""
     mixed = inputs(processor, [([2], "<|image|> what is it ?"), ([1], "<|image|> what is it ?")])
     for key in ("cross_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask"):
         mixed[key][1] = 0
+    return mixed
+
+
+@contextlib.contextmanager
+def zero_features_at_later_layers(model, rows):
+    """The unpatched model with ``rows``' image features zeroed in the later cross-attention layers."""
+    text = text_model(model)
+    layers = sorted(text.config.cross_attention_layers)
+
+    def hook(layer, args, kwargs):
+        states = kwargs.get("cross_attention_states")
+        if states is None:
+            return None
+        states = states.reshape(len(kwargs["cross_attention_mask"]), -1, states.shape[-1]).clone()
+        states[rows] = 0
+        return args, dict(kwargs, cross_attention_states=states)
+
+    handles = [text.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in layers[1:]]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_text_only_prompts_pass_through(model, processor):
+    text = processor(text=["what is in the image ?"], return_tensors="pt")
     with torch.no_grad():
-        reference_text = model(**text).logits
-        reference_mixed = forward(model, mixed).logits
+        reference = model(**text).logits
     with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:
-        assert torch.equal(forward(model, text).logits, reference_text)
+        assert torch.equal(forward(model, text).logits, reference)
         assert handle.stats is None
-        logits = forward(model, mixed).logits
-        assert handle.stats.valid_counts[1] == 0 and handle.stats.kept_counts[1] == handle.stats.image_tokens
-        assert handle.stats.kept_counts[0] < handle.stats.valid_counts[0]
-    torch.testing.assert_close(logits[1], reference_mixed[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[-1]], ids=[IDS[0], IDS[-1]])
+def test_an_image_less_sample_keeps_nothing_and_the_batch_stays_trimmed(model, processor, config):
+    """Issue #11 item 1 (changed behaviour: an image-less sample used to keep all N tokens, so the
+    whole batch ran at full width). Now it keeps none; the batch keeps the width of its image samples,
+    the image-less rows read zero features (nothing) in the trimmed layers, and every byte reported is
+    a byte held."""
+    mixed = image_less_sample(processor)
+    layers = sorted(text_model(model).config.cross_attention_layers)
+    with crosstrim.trimmed(model, config) as handle:
+        out = forward(model, mixed, use_cache=True)
+        stats = handle.stats
+        tokens = model.generate(**mixed, **GREEDY)
+    assert stats.valid_counts[1] == stats.kept_counts[1] == 0 and len(stats.kept_indices[1]) == 0
+    assert 0 < stats.kept_counts[0] < stats.valid_counts[0]
+    for i in layers if config.trim_first_layer_cache else layers[1:]:
+        assert out.past_key_values.layers[i].keys.shape[2] == stats.kept_counts[0]
+    assert cross_cache_bytes(model, out.past_key_values) == stats.kv_bytes_kept < stats.kv_bytes_full
+    assert torch.isfinite(out.logits).all()
+    # The image sample: what the masked reference computes. The image-less sample: what the unpatched
+    # model computes with zero features in the later layers (their attention adds nothing there).
+    with (
+        masked_reference(model, stats.kept_indices, stats.image_tokens),
+        zero_features_at_later_layers(model, [1]),
+    ):
+        torch.testing.assert_close(out.logits, forward(model, mixed).logits, atol=1e-5, rtol=0)
+        if not config.trim_first_layer_cache:  # the first layer's decode cache keeps every token
+            assert torch.equal(tokens, model.generate(**mixed, **GREEDY))
+    # Per sample, the bytes each holds alone: the image sample its kept tokens, the text-only one none.
+    image_alone = inputs(processor, [([2], "<|image|> what is it ?")])
+    text_alone = processor(text=["what is it ?"], return_tensors="pt")
+    full_image = forward(model, image_alone, use_cache=True).past_key_values
+    with crosstrim.trimmed(model, config) as handle:
+        kept_image = forward(model, image_alone, use_cache=True).past_key_values
+        assert torch.equal(handle.stats.kept_indices[0], stats.kept_indices[0])
+        kept_text = forward(model, text_alone, use_cache=True).past_key_values
+    assert stats.sample_kv_bytes(0) == (cross_cache_bytes(model, full_image), cross_cache_bytes(model, kept_image))
+    assert stats.sample_kv_bytes(1) == (0, 0)
+    held = kept_text.layers  # a text-only prompt caches no image token (4.57 may not even create the layers)
+    assert all(i >= len(held) or getattr(held[i], "keys", None) is None for i in layers)
+
+
+def test_a_batch_without_any_image_keeps_one_masked_slot_and_no_nan(model, processor):
+    nothing = image_less_sample(processor)
+    for key in ("cross_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask"):
+        nothing[key][0] = 0
+    with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:
+        out = forward(model, nothing, use_cache=True)
+        assert model.generate(**nothing, **GREEDY).shape[1] == nothing["input_ids"].shape[1] + 6
+    assert handle.stats.kept_counts == (0, 0) and handle.stats.mean_kept_fraction == 1.0
+    assert torch.isfinite(out.logits).all()
+    layers = sorted(text_model(model).config.cross_attention_layers)
+    assert out.past_key_values.layers[layers[1]].keys.shape[2] == 1
+    with zero_features_at_later_layers(model, [0, 1]):
+        torch.testing.assert_close(out.logits, forward(model, nothing).logits, atol=1e-5, rtol=0)
 
 
 def test_bad_models_and_misuse_raise_clear_errors(model, processor, batch):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from crosstrim import cli, testbed
+from crosstrim.evaluation import sources
 from crosstrim.testbed import data, train
-from crosstrim.tools import sources
 
 DIRECTION = data.DIRECTIONS
 
@@ -230,8 +230,8 @@ def test_shipped_checkpoint_was_trained_with_the_default_recipe():
 
 def test_shipped_checkpoint_answers_held_out_questions():
     """Guards against shipping an untrained or broken model: chance is about 30% here."""
-    from crosstrim.tools import checkpoint
-    from crosstrim.tools.inference import predict
+    from crosstrim.evaluation import checkpoint
+    from crosstrim.evaluation.inference import predict
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, processor = checkpoint.load(testbed.CHECKPOINT, "cpu")

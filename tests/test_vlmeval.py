@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from support import run_cli
 
-from crosstrim.tools import UserError, distributed, sources, vlmeval
-from crosstrim.tools.dataset import Item
-from crosstrim.tools.inference import Prediction, predict
+from crosstrim.evaluation import UserError, distributed, sources, vlmeval_metrics, vlmeval_tsv
+from crosstrim.evaluation.dataset import Item
+from crosstrim.evaluation.inference import Prediction, predict
 
 
 def picture(seed: int, size=(32, 32)) -> Image.Image:
@@ -68,7 +68,7 @@ def mmvp_rows():
 @pytest.fixture
 def files(tmp_path):
     return {
-        name: vlmeval.write_tsv(tmp_path / f"{name}.tsv", rows())
+        name: vlmeval_tsv.write_tsv(tmp_path / f"{name}.tsv", rows())
         for name, rows in [("MME", mme_rows), ("POPE", pope_rows), ("SEEDBench_IMG", seed_rows), ("MMVP", mmvp_rows)]
     }
 
@@ -77,7 +77,7 @@ def files(tmp_path):
 
 
 def test_mme_rows_become_items_sharing_their_pair_image(files):
-    data = vlmeval.load_tsv(files["MME"])
+    data = vlmeval_tsv.load_tsv(files["MME"])
     assert (data.benchmark, data.kind, data.skipped) == ("MME", "yorn", [])
     items = data.items
     assert [item.id for item in items] == [str(i) for i in range(1, 7)]
@@ -91,7 +91,7 @@ def test_mme_rows_become_items_sharing_their_pair_image(files):
 
 
 def test_mcq_rows_get_the_standard_option_prompt(files):
-    data = vlmeval.load_tsv(files["SEEDBench_IMG"])
+    data = vlmeval_tsv.load_tsv(files["SEEDBench_IMG"])
     assert (data.benchmark, data.kind) == ("SEEDBench_IMG", "mcq")
     item = data.items[0]
     assert item.prompt == (
@@ -100,7 +100,7 @@ def test_mcq_rows_get_the_standard_option_prompt(files):
     )
     assert item.extra["options"] == {"A": "a cat", "B": "a dog", "C": "a red car", "D": "a tree"}
     assert same_pixels(item.images[0], picture(20))
-    mmvp = vlmeval.load_tsv(files["MMVP"]).items[0]
+    mmvp = vlmeval_tsv.load_tsv(files["MMVP"]).items[0]
     assert mmvp.prompt.endswith(
         "Options:\nA. Left\nB. Right\nPlease select the correct answer from the options above. \n"
     )
@@ -111,7 +111,7 @@ def test_hint_missing_options_and_list_images(tmp_path):
         {"index": 1, "image": [picture(1), picture(2)], "question": "Which?", "hint": "Look twice.", "A": "x",
          "B": "y", "C": "", "answer": "b"},
     ]  # fmt: skip
-    item = vlmeval.load_tsv(vlmeval.write_tsv(tmp_path / "quiz.tsv", rows)).items[0]
+    item = vlmeval_tsv.load_tsv(vlmeval_tsv.write_tsv(tmp_path / "quiz.tsv", rows)).items[0]
     assert item.prompt.startswith("Hint: Look twice.\nQuestion: Which?\nOptions:\nA. x\nB. y\nPlease")
     assert item.answer == "B" and item.extra["options"] == {"A": "x", "B": "y"}  # empty C is no option
     assert len(item.images) == 2 and same_pixels(item.images[1], picture(2))
@@ -121,29 +121,29 @@ def test_image_path_files_relative_to_the_tsv(tmp_path):
     (tmp_path / "img").mkdir()
     picture(5).save(tmp_path / "img" / "a.png")
     rows = [{"index": 1, "image_path": "img/a.png", "question": "Is it red?", "answer": "no"}]
-    data = vlmeval.load_tsv(vlmeval.write_tsv(tmp_path / "custom.tsv", rows))
+    data = vlmeval_tsv.load_tsv(vlmeval_tsv.write_tsv(tmp_path / "custom.tsv", rows))
     assert data.benchmark == "YORN" and data.items[0].answer == "No"
     assert same_pixels(data.items[0].images[0], picture(5))
 
 
 def test_benchmark_recognised_by_name_columns_or_argument(tmp_path, files):
-    assert vlmeval.load_tsv(files["POPE"]).benchmark == "POPE"
-    local = vlmeval.write_tsv(tmp_path / "MMVP_local.tsv", mmvp_rows())
-    assert vlmeval.load_tsv(local).benchmark == "MMVP"
-    other = vlmeval.write_tsv(tmp_path / "other.tsv", seed_rows())
-    assert vlmeval.load_tsv(other).benchmark == "MCQ"
-    assert vlmeval.load_tsv(other, benchmark="mmvp").benchmark == "MMVP"
+    assert vlmeval_tsv.load_tsv(files["POPE"]).benchmark == "POPE"
+    local = vlmeval_tsv.write_tsv(tmp_path / "MMVP_local.tsv", mmvp_rows())
+    assert vlmeval_tsv.load_tsv(local).benchmark == "MMVP"
+    other = vlmeval_tsv.write_tsv(tmp_path / "other.tsv", seed_rows())
+    assert vlmeval_tsv.load_tsv(other).benchmark == "MCQ"
+    assert vlmeval_tsv.load_tsv(other, benchmark="mmvp").benchmark == "MMVP"
     with pytest.raises(UserError, match="unknown benchmark 'GQA'"):
-        vlmeval.load_tsv(other, benchmark="GQA")
-    open_ended = vlmeval.write_tsv(tmp_path / "vqa.tsv", [{"index": 1, "image": picture(1), "question": "Q?",
+        vlmeval_tsv.load_tsv(other, benchmark="GQA")
+    open_ended = vlmeval_tsv.write_tsv(tmp_path / "vqa.tsv", [{"index": 1, "image": picture(1), "question": "Q?",
                                                             "answer": "red"}])  # fmt: skip
     with pytest.raises(UserError, match=r"cannot tell which benchmark vqa\.tsv holds"):
-        vlmeval.load_tsv(open_ended)
+        vlmeval_tsv.load_tsv(open_ended)
 
 
 def test_tsv_items_predict_like_the_original_images(model, processor, files):
     """Images stay encoded until answered; the model sees exactly the pixels that were written."""
-    items = vlmeval.load_tsv(files["POPE"]).items[:3]
+    items = vlmeval_tsv.load_tsv(files["POPE"]).items[:3]
     originals = [Item(i.id, (picture(10 + k),), i.prompt, i.answer, i.category) for k, i in enumerate(items)]
     assert predict(model, processor, items, max_new_tokens=3, batch_size=3) == predict(
         model, processor, originals, max_new_tokens=3, batch_size=3
@@ -156,22 +156,22 @@ def test_tsv_items_predict_like_the_original_images(model, processor, files):
 def test_missing_columns_name_the_column(tmp_path):
     rows = [{k: v for k, v in row.items() if k != "answer"} for row in pope_rows()]
     with pytest.raises(UserError, match=r"POPE.tsv has no 'answer' column"):
-        vlmeval.load_tsv(vlmeval.write_tsv(tmp_path / "POPE.tsv", rows))
+        vlmeval_tsv.load_tsv(vlmeval_tsv.write_tsv(tmp_path / "POPE.tsv", rows))
     rows = [{k: v for k, v in row.items() if k != "B"} for row in seed_rows()]
     with pytest.raises(UserError, match=r"SEEDBench_IMG.tsv has no 'B' column"):
-        vlmeval.load_tsv(vlmeval.write_tsv(tmp_path / "SEEDBench_IMG.tsv", rows), skip_bad=True)
+        vlmeval_tsv.load_tsv(vlmeval_tsv.write_tsv(tmp_path / "SEEDBench_IMG.tsv", rows), skip_bad=True)
     rows = [{k: v for k, v in row.items() if k != "image"} for row in pope_rows()]
     with pytest.raises(UserError, match=r"no 'image \(or image_path\)' column"):
-        vlmeval.load_tsv(vlmeval.write_tsv(tmp_path / "POPE.tsv", rows))
+        vlmeval_tsv.load_tsv(vlmeval_tsv.write_tsv(tmp_path / "POPE.tsv", rows))
     with pytest.raises(UserError, match="does not exist"):
-        vlmeval.load_tsv(tmp_path / "nothing.tsv")
+        vlmeval_tsv.load_tsv(tmp_path / "nothing.tsv")
 
 
 BAD_ROWS = {
     "not base64": ({"image": "%%%% not base64 at all, this is a long enough string to be no reference"},
                    "image is not valid base64"),
     "not an image": ({"image": base64.b64encode(b"GIF89a" + bytes(200)).decode()}, "image is not a decodable image"),
-    "truncated": ({"image": vlmeval.encode_image(picture(3, (64, 64)))[:400]}, "image is not a decodable image"),
+    "truncated": ({"image": vlmeval_tsv.encode_image(picture(3, (64, 64)))[:400]}, "image is not a decodable image"),
     "dangling reference": ({"image": "999"}, "image refers to index '999', which no row has"),
     "no question": ({"question": ""}, "question is empty"),
     "bad answer": ({"answer": "Maybe"}, "answer 'Maybe' is not Yes or No"),
@@ -185,14 +185,14 @@ def test_a_bad_row_is_an_error_naming_it_or_skipped_with_a_count(tmp_path, chang
     update, message = change
     rows = pope_rows()
     rows[2] = {**rows[2], **update}
-    path = vlmeval.write_tsv(tmp_path / "POPE.tsv", rows)
+    path = vlmeval_tsv.write_tsv(tmp_path / "POPE.tsv", rows)
     index = rows[2]["index"]
     where = "POPE.tsv row 3 (line 4" + (f", index {index})" if index != "" else ")")
     with pytest.raises(UserError) as err:
-        vlmeval.load_tsv(path)
+        vlmeval_tsv.load_tsv(path)
     assert str(err.value).startswith(f"{where}: {message}")
     assert "--skip-bad" in str(err.value) and "skip_bad=True" in str(err.value)
-    data = vlmeval.load_tsv(path, skip_bad=True)
+    data = vlmeval_tsv.load_tsv(path, skip_bad=True)
     assert len(data.items) == 5 and [(s.where, s.index) for s in data.skipped] == [(where, str(index))]
     assert data.skipped[0].reason.startswith(message) and str(data.skipped[0]).startswith(f"{where}: {message}")
 
@@ -202,27 +202,27 @@ def test_truncated_images_are_caught_even_when_pil_is_told_to_accept_them(tmp_pa
 
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as importing lmms-eval does
     rows = pope_rows()
-    rows[1]["image"] = vlmeval.encode_image(picture(3, (64, 64)))[:400]
+    rows[1]["image"] = vlmeval_tsv.encode_image(picture(3, (64, 64)))[:400]
     with pytest.raises(UserError, match=r"row 2 \(line 3, index 1\): image is not a decodable image"):
-        vlmeval.load_tsv(vlmeval.write_tsv(tmp_path / "POPE.tsv", rows))
+        vlmeval_tsv.load_tsv(vlmeval_tsv.write_tsv(tmp_path / "POPE.tsv", rows))
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is restored
 
 
 def test_field_count_and_mcq_answer_errors(tmp_path):
-    path = vlmeval.write_tsv(tmp_path / "MMVP.tsv", mmvp_rows())
+    path = vlmeval_tsv.write_tsv(tmp_path / "MMVP.tsv", mmvp_rows())
     lines = path.read_text().splitlines()
     lines[2] += "\textra"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=r"MMVP.tsv row 2 \(line 3\): has 8 tab-separated fields, the header has 7"):
-        vlmeval.load_tsv(path)
+        vlmeval_tsv.load_tsv(path)
     rows = mmvp_rows()
     rows[0]["answer"] = "C"
-    path = vlmeval.write_tsv(tmp_path / "MMVP.tsv", rows)
+    path = vlmeval_tsv.write_tsv(tmp_path / "MMVP.tsv", rows)
     with pytest.raises(UserError, match=r"row 1 \(line 2, index 1\): answer 'C' is not one of its options A, B"):
-        vlmeval.load_tsv(path)
+        vlmeval_tsv.load_tsv(path)
     rows = [{**row, "image": "bad"} for row in mmvp_rows()]
     with pytest.raises(UserError, match=r"MMVP.tsv has no usable rows \(4 skipped\)"):
-        vlmeval.load_tsv(vlmeval.write_tsv(tmp_path / "MMVP.tsv", rows), skip_bad=True)
+        vlmeval_tsv.load_tsv(vlmeval_tsv.write_tsv(tmp_path / "MMVP.tsv", rows), skip_bad=True)
 
 
 # -- extraction ------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_field_count_and_mcq_answer_errors(tmp_path):
      ("I cannot tell", "Unknown"), ("Yesterday", "Unknown"), ("", "Unknown")],
 )  # fmt: skip
 def test_extract_yes_no(text, expected):
-    assert vlmeval.extract_yes_no(text) == expected
+    assert vlmeval_metrics.extract_yes_no(text) == expected
 
 
 OPTIONS = {"A": "a cat", "B": "a dog", "C": "a red car", "D": "a tree"}
@@ -249,29 +249,29 @@ OPTIONS = {"A": "a cat", "B": "a dog", "C": "a red car", "D": "a tree"}
      ("a cat " * 20, None)],  # far longer than the options: no text match
 )  # fmt: skip
 def test_extract_choice(text, expected):
-    assert vlmeval.extract_choice(text, OPTIONS) == expected
+    assert vlmeval_metrics.extract_choice(text, OPTIONS) == expected
 
 
 # -- metrics ---------------------------------------------------------------------------------------
 
 
 def test_mme_score_is_acc_plus_acc_plus_per_category(files):
-    items = vlmeval.load_tsv(files["MME"]).items
+    items = vlmeval_tsv.load_tsv(files["MME"]).items
     # existence: pair 1 both right, pair 2 one right -> acc 75, acc+ 50; code_reasoning: both wrong.
     predictions = {"1": "Yes", "2": "No", "3": "Yes", "4": "Yes, a dog", "5": "No", "6": "maybe"}
-    result = vlmeval.score(items, predictions)
+    result = vlmeval_metrics.score(items, predictions)
     assert list(result)[:3] == ["perception", "cognition", "total"]
     assert result["existence/acc"] == 75.0 and result["existence/acc+"] == 50.0
     assert result["perception"] == 125.0 and result["cognition"] == 0.0 and result["total"] == 125.0
     assert result["acc"] == 50.0 and result["acc+"] == pytest.approx(100 / 3)
     assert result["unknown"] == pytest.approx(100 / 6)
-    assert vlmeval.score(items, ["yes", "no"] * 3)["total"] == 400.0  # perfect: 200 per category
+    assert vlmeval_metrics.score(items, ["yes", "no"] * 3)["total"] == 400.0  # perfect: 200 per category
 
 
 def test_pope_accuracy_f1_and_yes_ratio(files):
-    items = vlmeval.load_tsv(files["POPE"]).items  # answers Y N Y N Y N
+    items = vlmeval_tsv.load_tsv(files["POPE"]).items  # answers Y N Y N Y N
     predictions = ["Yes", "Yes", "No", "No", "Yes, it is", "I don't know"]  # TP FP FN TN TP unknown(=N)
-    result = vlmeval.score(items, predictions)
+    result = vlmeval_metrics.score(items, predictions)
     assert next(iter(result)) == "f1"
     precision, recall = 2 / 3, 2 / 3
     assert result["precision"] == pytest.approx(100 * precision) and result["recall"] == pytest.approx(100 * recall)
@@ -284,15 +284,15 @@ def test_pope_accuracy_f1_and_yes_ratio(files):
 
 
 def test_mcq_accuracy_per_category_and_mmvp_pairs(files):
-    seed = vlmeval.load_tsv(files["SEEDBench_IMG"]).items  # answers A B C D, categories S I S I
-    result = vlmeval.score(seed, {"100": "A", "101": "a cat", "102": "(C) a red car", "103": "The answer is D"})
+    seed = vlmeval_tsv.load_tsv(files["SEEDBench_IMG"]).items  # answers A B C D, categories S I S I
+    result = vlmeval_metrics.score(seed, {"100": "A", "101": "a cat", "102": "(C) a red car", "103": "The answer is D"})
     assert result == {"acc": 75.0, "Instance/acc": 50.0, "Scene/acc": 100.0, "unknown": 0.0}
-    assert [vlmeval.correct(i, t) for i, t in zip(seed, ["A", "B", "C", "C"])] == [True, True, True, False]
-    mmvp = vlmeval.load_tsv(files["MMVP"]).items  # answers A B A B, pairs (1, 2) and (3, 4)
-    result = vlmeval.score(mmvp, ["A", "B", "A", "A"])
+    assert [vlmeval_metrics.correct(i, t) for i, t in zip(seed, ["A", "B", "C", "C"])] == [True, True, True, False]
+    mmvp = vlmeval_tsv.load_tsv(files["MMVP"]).items  # answers A B A B, pairs (1, 2) and (3, 4)
+    result = vlmeval_metrics.score(mmvp, ["A", "B", "A", "A"])
     assert result["acc"] == 75.0 and result["pair_acc"] == 50.0 and list(result)[:2] == ["pair_acc", "acc"]
     with pytest.raises(ValueError, match="no prediction for 1 item"):
-        vlmeval.score(mmvp, {"1": "A", "2": "B", "3": "A"})
+        vlmeval_metrics.score(mmvp, {"1": "A", "2": "B", "3": "A"})
 
 
 # -- crosstrim eval --data FILE.tsv ----------------------------------------------------------------
@@ -300,11 +300,16 @@ def test_mcq_accuracy_per_category_and_mmvp_pairs(files):
 
 def test_a_tsv_source_scores_per_question_and_officially(tmp_path, files):
     data = sources.load(files["SEEDBench_IMG"])
-    assert (data.score, data.official, data.headline, data.skipped) == (vlmeval.correct, vlmeval.score, "acc", [])
+    assert (data.score, data.official, data.headline, data.skipped) == (
+        vlmeval_metrics.correct,
+        vlmeval_metrics.score,
+        "acc",
+        [],
+    )
     assert [i.id for i in data.items] == ["100", "101", "102", "103"]
     with pytest.raises(UserError, match=r"SEEDBench_IMG.tsv has no 'B' column"):
         rows = [{k: v for k, v in row.items() if k != "B"} for row in seed_rows()]
-        sources.load(vlmeval.write_tsv(tmp_path / "SEEDBench_IMG.tsv", rows))
+        sources.load(vlmeval_tsv.write_tsv(tmp_path / "SEEDBench_IMG.tsv", rows))
 
 
 def wrong(item: Item) -> str:
@@ -347,13 +352,13 @@ def test_eval_reports_each_benchmarks_official_metrics(tmp_path, files, checkpoi
     )  # fmt: skip
     assert code == 0, err
     result = json.loads((tmp_path / "out" / "results.json").read_text())
-    items = vlmeval.load_tsv(files[name]).items
+    items = vlmeval_tsv.load_tsv(files[name]).items
     headline, perfect = PERFECT[name]
-    assert result["setup"]["headline"] == headline == vlmeval.headline(name) and result["skipped"] == []
+    assert result["setup"]["headline"] == headline == vlmeval_metrics.headline(name) and result["skipped"] == []
     runs = result["runs"]
     assert [r["label"] for r in runs] == ["full", "trimmed k=0.25", "later layers: 1 token"]
     for run in runs:
-        official = vlmeval.score(items, [p["prediction"] for p in run["predictions"]])
+        official = vlmeval_metrics.score(items, [p["prediction"] for p in run["predictions"]])
         assert run["official"] == official and next(iter(official)) == headline
         assert run["accuracy"] == pytest.approx(official["acc"] / 100)
     assert runs[0]["official"][headline] == perfect and runs[1]["official"][headline] < perfect
@@ -372,7 +377,7 @@ def bad_pope(tmp_path):
     """POPE with a malformed row 3 (a field too many) and an undecodable image in row 5."""
     rows = pope_rows()
     rows[4]["image"] = base64.b64encode(b"GIF89a" + bytes(200)).decode()
-    path = vlmeval.write_tsv(tmp_path / "POPE.tsv", rows)
+    path = vlmeval_tsv.write_tsv(tmp_path / "POPE.tsv", rows)
     lines = path.read_text().splitlines()
     lines[3] += "\textra"
     path.write_text("\n".join(lines) + "\n")
@@ -400,8 +405,8 @@ def test_eval_skip_bad_skips_reports_and_records_bad_rows(tmp_path, checkpoint_d
         {"where": "POPE.tsv row 5 (line 6, index 4)", "index": "4", "reason": "image is not a decodable image"},
     ]
     assert "Skipped 2 bad rows" in (tmp_path / "out" / "results.md").read_text()
-    items = vlmeval.load_tsv(path, skip_bad=True).items
+    items = vlmeval_tsv.load_tsv(path, skip_bad=True).items
     assert result["setup"]["items"] == 4 and [i.id for i in items] == ["0", "1", "3", "5"]
     for run in result["runs"]:
         assert [p["id"] for p in run["predictions"]] == [i.id for i in items]
-        assert run["official"] == vlmeval.score(items, [p["prediction"] for p in run["predictions"]])
+        assert run["official"] == vlmeval_metrics.score(items, [p["prediction"] for p in run["predictions"]])

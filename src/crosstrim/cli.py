@@ -6,10 +6,10 @@ import argparse
 import importlib
 import sys
 
-from crosstrim.tools import UserError
+from crosstrim.evaluation import UserError
 
 # Each module defines ``register(subparsers)``, which adds its subcommand and sets ``run``.
-TOOLS = ("generate", "kv", "bench", "testbed", "eval", "viz", "demo")
+TOOLS = ("generate", "batch", "kv", "bench", "testbed_cmd", "eval", "viz", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,3 +118,94 @@ class TrimConfig:
         """A short label such as ``trimmed k=0.25`` for tables and logs."""
         budget = f"k={self.k_ratio:g}" if self.k_ratio is not None else f"keep={self.keep_ratio:g}"
         return f"{self.method} {budget}" + (" +summary" if self.summarize_dropped else "")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object], names: Mapping[str, str] | None = None) -> TrimConfig:
+        """The config that option values describe, as a command line, a config file or another framework
+        passes them: the one parser of options for every caller.
+
+        ``options`` maps field names to strings (``"0.25"``, ``"false"``) or typed values (``0.25``,
+        ``False``); ``None`` means not given (the field's default). Parsing is strict, because a lenient
+        one silently changes the experiment: a boolean is ``true``/``false``, ``1``/``0`` or ``yes``/``no``
+        (any case) or a real bool, so ``"False"`` is False (``bool("False")`` is True); a number must
+        parse whole and an ``int`` field takes no fraction; an unknown option is refused with the valid
+        ones. ``names`` maps a field to the caller's spelling of it (``{"keep_ratio": "--keep-ratio"}``),
+        and every error, the config's own checks included, names the option as the user typed it.
+
+        Raises:
+            ValueError: naming the option and what it accepts.
+        """
+        names = dict(names or {})
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = [key for key in options if key not in fields]
+        if unknown:
+            valid = ", ".join(names.get(name, name) for name in fields)
+            raise ValueError(f"unknown option {unknown[0]!r}; valid options: {valid}")
+        values = {}
+        for key, value in options.items():
+            if value is not None:
+                parse = _OPTION_PARSERS.get(str(fields[key].type), _as_given)
+                values[key] = parse(value, names.get(key, key))
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(_spelled(str(err), names)) from err
+
+
+# -- option parsing (TrimConfig.from_options) ---------------------------------------------------------
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def _boolean(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{name} must be true or false (or 1/0, yes/no), got {value!r}")
+
+
+def _integer(value: object, name: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        return int(value)
+    raise ValueError(f"{name} must be a whole number, got {value!r}")
+
+
+def _number(value: object, name: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be a number, got {value!r}")
+
+
+def _method(value: object, name: str) -> str:
+    if isinstance(value, str) and value.strip() in METHODS:
+        return value.strip()
+    raise ValueError(f"{name}: unknown method {value!r}; choose one of {', '.join(METHODS)}")
+
+
+def _as_given(value: object, name: str) -> object:
+    return value
+
+
+# Parser per field annotation (a string: this module uses postponed annotations).
+_OPTION_PARSERS = {"bool": _boolean, "int": _integer, "float | None": _number, "Method": _method}
+
+
+def _spelled(message: str, names: Mapping[str, str]) -> str:
+    """``message`` with every field named as the caller spells it: names with an underscore wherever they
+    stand alone, the one-word ones (``method``, ``seed``) only where assigned (``method='mean'``), since
+    elsewhere they are plain words."""
+    for field, spelling in names.items():
+        ahead = r"(?![\w])" if "_" in field else r"(?==)"
+        message = re.sub(rf"(?<![\w-]){re.escape(field)}{ahead}", lambda _, to=spelling: to, message)
+    return message

@@ -57,7 +57,8 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     :func:`crosstrim.trim` handle, whose ``stats`` then describe the whole batch as a one-shot
     prefill would. Greedy, sampling, beam search and ``num_return_sequences`` run in transformers'
     own loop on the whole batch. ``prefill_batch_size`` counts samples before beam /
-    ``num_return_sequences`` expansion.
+    ``num_return_sequences`` expansion. Like a trim handle, a call owns the model while it runs:
+    do not call the same model from another thread meanwhile.
 
     Args:
         model: an ``MllamaForConditionalGeneration``, trimmed or not.
@@ -65,7 +66,8 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
             without ``pixel_values``, goes to ``model.generate`` unchanged.
         **kwargs: the processor's outputs (``input_ids``, ``attention_mask``, ``pixel_values``,
             ``aspect_ratio_ids``, ``aspect_ratio_mask``, ``cross_attention_mask``) and any
-            ``generate`` arguments.
+            ``generate`` arguments. They may stay on the CPU: each prefill slice moves to the
+            model's device when it runs, so the whole batch of images never sits there at once.
 
     Raises:
         ValueError: for arguments the merged cache cannot serve: a cache passed in, a static
@@ -84,7 +86,7 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
         raise ValueError("crosstrim.generate needs input_ids, a (batch, length) tensor as the processor returns it")
     batch = input_ids.shape[0]
     if batch <= prefill_batch_size or kwargs.get("pixel_values") is None:
-        return model.generate(**kwargs)
+        return model.generate(**_on_device(model, kwargs))
     if kwargs.get("attention_mask") is None:
         raise ValueError("crosstrim.generate needs the attention_mask the processor returns to micro-batch the prefill")
     for name in _PREFILL_INPUTS:
@@ -111,7 +113,7 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     if selections[0] is not None:
         setattr(cache, _SELECTION_ATTR, _expand_selection(_merge_selections(selections), expand))
     if handle is not None:
-        handle.stats = _merge_stats([part.stats for part in parts], expand)
+        handle._calls.stats = _merge_stats([part.stats for part in parts], expand)
     if expand > 1:
         for layer in cache.layers:
             layer.keys = layer.keys.repeat_interleave(expand, dim=0)
@@ -119,10 +121,19 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     logits = torch.cat([part.logits for part in parts]).repeat_interleave(expand, dim=0)
     first_step = parts[0].output_type(logits=logits, **{_cache_argument(model): cache})
     del parts
-    decode = {name: value for name, value in kwargs.items() if name not in _IMAGE_INPUTS}
+    decode = _on_device(model, {name: value for name, value in kwargs.items() if name not in _IMAGE_INPUTS})
     decode[_cache_argument(model)] = cache
     with _prefilled(model, cache, [i for i in range(len(cache.layers)) if i not in layers], first_step):
         return model.generate(**decode)
+
+
+def _on_device(model: nn.Module, kwargs: dict) -> dict:
+    """The model inputs moved to the model's device (the prefill moves its slices itself), so the
+    caller may keep a large batch of images on the CPU."""
+    return {
+        name: value.to(model.device) if name in _PREFILL_INPUTS and isinstance(value, torch.Tensor) else value
+        for name, value in kwargs.items()
+    }
 
 
 @dataclasses.dataclass

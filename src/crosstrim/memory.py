@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 
-from crosstrim import method
-
 DTYPE_BYTES = {
     "float32": 4,
     "fp32": 4,
@@ -150,7 +148,7 @@ class MemoryModel:
 
     def kv_bytes_per_token(self, dtype: str | torch.dtype | int) -> int:
         """Keys + values of one token in one attention layer."""
-        return method.kv_bytes(1, 1, self.kv_heads, self.head_dim, element_size(dtype))
+        return layer_kv_bytes(1, 1, self.kv_heads, self.head_dim, element_size(dtype))
 
     def self_kv_bytes(self, text_tokens: int, dtype: str | torch.dtype | int, batch: int = 1) -> int:
         """Self-attention KV of ``batch`` samples of ``text_tokens`` (padding included) over all self layers."""
@@ -302,6 +300,11 @@ class MemoryModel:
         return max(0, math.floor((budget_bytes - fixed_bytes) / per_sample))
 
 
+def layer_kv_bytes(batch: int, tokens: int, kv_heads: int, head_dim: int, element_size: int) -> int:
+    """Bytes of keys plus values one attention layer caches for ``tokens`` per sample."""
+    return 2 * batch * tokens * kv_heads * head_dim * element_size
+
+
 def held_kv_bytes(cache, cross_layers) -> KVBytes:
     """Self- and cross-attention bytes a transformers ``DynamicCache`` actually holds (its key and value
     tensors, layer by layer): what :meth:`MemoryModel.kv_bytes` predicts, measured."""
@@ -375,6 +378,7 @@ __all__ = [
     "element_size",
     "held_kv_bytes",
     "kept_tokens",
+    "layer_kv_bytes",
     "preset",
     "preset_config",
 ]

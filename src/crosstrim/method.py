@@ -234,15 +234,16 @@ def select(
     return uniform_keep(valid, config.ratio)
 
 
-def keep_to_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_to_index(keep: torch.Tensor, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a ``(B, N)`` keep mask into gather indices ``(B, K)`` and slot validity ``(B, K)``.
 
-    ``K`` is the largest kept count in the batch. Kept positions come first, in ascending
-    (spatial) order; shorter rows are padded with index 0 and ``slot_valid`` False, and those
-    slots must be masked wherever the gathered tokens are attended.
+    ``K`` is the largest kept count in the batch, at least ``min_width`` (attention over zero
+    slots is undefined, so a batch that keeps nothing still gets one, masked, slot). Kept positions
+    come first, in ascending (spatial) order; shorter rows are padded with index 0 and
+    ``slot_valid`` False, and those slots must be masked wherever the gathered tokens are attended.
     """
     counts = keep.sum(-1)
-    width = int(counts.max()) if keep.numel() else 0
+    width = max(int(counts.max()) if keep.numel() else 0, min_width)
     order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :width]
     slot_valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
     return order.masked_fill(~slot_valid, 0), slot_valid
@@ -255,17 +256,21 @@ def _flat_rows(index: torch.Tensor, groups: int, length: int) -> torch.Tensor:
     return (base + index[:, None, :]).reshape(-1)
 
 
-def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather ``(B, N, D)`` image features to ``(B, K, D)``.
+def gather_tokens(states: torch.Tensor, index: torch.Tensor, slot_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather ``(B, N, D)`` image features to ``(B, K, D)``; padding slots (``slot_valid`` False) are zeros.
 
+    Zero features give zero keys and values in Mllama's bias-free projections, so a row whose every
+    slot is padding (a sample without an image) reads nothing instead of a copy of token 0.
     ``index_select`` on a flat view copies whole rows (several times faster than ``torch.gather``
     with an expanded index, which copies element by element).
     """
     batch, tokens, dim = states.shape
     if not states.is_contiguous():  # a flat view would copy everything first
-        return torch.gather(states, 1, index[:, :, None].expand(-1, -1, dim))
-    rows = _flat_rows(index, 1, tokens)
-    return states.view(batch * tokens, dim).index_select(0, rows).view(batch, index.shape[1], dim)
+        gathered = torch.gather(states, 1, index[:, :, None].expand(-1, -1, dim))
+    else:
+        rows = _flat_rows(index, 1, tokens)
+        gathered = states.view(batch * tokens, dim).index_select(0, rows).view(batch, index.shape[1], dim)
+    return gathered if slot_valid is None else gathered.masked_fill_(~slot_valid[:, :, None], 0)
 
 
 def gather_mask(additive_mask: torch.Tensor, index: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
@@ -311,18 +316,16 @@ def summary_mask(additive_mask: torch.Tensor, dropped: torch.Tensor, images: int
     return torch.where(allowed & (counts > 0), bias, torch.finfo(additive_mask.dtype).min)
 
 
-def gather_cache(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather a cached ``(B, G, N, d)`` key or value tensor to ``(B, G, K, d)``."""
+def gather_cache(tensor: torch.Tensor, index: torch.Tensor, slot_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather a cached ``(B, G, N, d)`` key or value tensor to ``(B, G, K, d)``; padding slots are zeros
+    (as :func:`gather_tokens` makes them)."""
     batch, heads, tokens, dim = tensor.shape
     if not tensor.is_contiguous():  # Mllama caches a transposed view; a flat view would copy it first
-        return torch.gather(tensor, 2, index[:, None, :, None].expand(batch, heads, -1, dim))
-    rows = _flat_rows(index, heads, tokens)
-    return tensor.view(batch * heads * tokens, dim).index_select(0, rows).view(batch, heads, index.shape[1], dim)
-
-
-def kv_bytes(batch: int, tokens: int, kv_heads: int, head_dim: int, element_size: int) -> int:
-    """Bytes of keys plus values one attention layer caches for ``tokens`` per sample."""
-    return 2 * batch * tokens * kv_heads * head_dim * element_size
+        gathered = torch.gather(tensor, 2, index[:, None, :, None].expand(batch, heads, -1, dim))
+    else:
+        rows = _flat_rows(index, heads, tokens)
+        gathered = tensor.view(batch * heads * tokens, dim).index_select(0, rows).view(batch, heads, -1, dim)
+    return gathered if slot_valid is None else gathered.masked_fill_(~slot_valid[:, None, :, None], 0)
 
 
 __all__ = [
@@ -333,7 +336,6 @@ __all__ = [
     "gather_mask",
     "gather_tokens",
     "keep_to_index",
-    "kv_bytes",
     "mean_topk",
     "random_keep",
     "scoring_rows",

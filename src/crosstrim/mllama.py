@@ -9,11 +9,20 @@ How it hooks in (no modeling code is copied or replaced, attention stays sdpa):
   cross-attention mask, so its projections and its KV cache cover only kept tokens;
 * at decode steps the selection is read back from the cache object it was stored on, and the
   full-width mask transformers rebuilds every step is gathered the same way.
+
+Per-call state lives in a thread-local :class:`_CallState`, so threads sharing one trimmed model do
+not see each other's calls. Every hook point, attribute and argument read here is checked when the
+model is trimmed, and every prefill checks that each trimmed layer got the gathered features and
+caches the kept width: a transformers release that moves any of them fails loudly, never silently
+runs untrimmed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crosstrim import method
+from crosstrim import memory, method
 from crosstrim.config import TrimConfig
 
 _SELECTION_ATTR = "_crosstrim_selection"
@@ -34,7 +43,8 @@ class TrimStats:
 
     ``kept_indices[b]`` index sample ``b``'s image tokens as transformers lays them out:
     ``image * max_tiles * tokens_per_tile + tile * tokens_per_tile + token``.
-    A sample with no image keeps every token (it passes through untouched) and reports 0 valid.
+    A sample with no image keeps nothing and reports 0 kept of 0 valid; the batch keeps its trimmed
+    width (see README, "Batches").
     ``summary_tokens`` counts the stand-ins for dropped tokens (``TrimConfig.summarize_dropped``: one
     per image slot) that every trimmed layer caches per sample beside the kept tokens.
     """
@@ -52,7 +62,12 @@ class TrimStats:
     summary_tokens: int = 0
 
     def sample_kv_bytes(self, b: int) -> tuple[int, int]:
-        """Cross-attention KV bytes ``(full, kept)`` sample ``b`` holds when run alone (no batch padding)."""
+        """Cross-attention KV bytes ``(full, kept)`` sample ``b`` holds when run alone (no batch padding).
+
+        A sample without an image holds no cross-attention cache alone (its prompt is text only): ``(0, 0)``.
+        """
+        if not self.valid_counts[b]:
+            return 0, 0
         untrimmed = self.cross_layers - self.trimmed_layers
         full = self.cross_layers * self.image_tokens * self.kv_bytes_per_token
         trimmed = self.kept_counts[b] + self.summary_tokens
@@ -100,11 +115,78 @@ class _Step:
     attention_mask: torch.Tensor | None
     cache: Any
     input_ids: torch.Tensor | None = None
+    images: bool = False  # the call carries image features (a prefill)
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
     selection: _Selection | None = None
     prefill: bool = False
     gathered: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+    received: set[int] = field(default_factory=set)  # later layers that got the gathered features
+
+
+class _CallState(threading.local):
+    """What belongs to a call, per thread: the running decoder call and the last prefill's stats.
+
+    Threads sharing one trimmed model each see their own calls, so no call reads another's
+    captured queries, selection or gathered tensors, and ``TrimHandle.stats`` is the calling
+    thread's last prefill.
+    """
+
+    step: _Step | None = None
+    stats: TrimStats | None = None
+
+
+def _drift(detail: str) -> RuntimeError:
+    """The error for a transformers Mllama that no longer looks the way crosstrim hooks into it."""
+    import transformers
+
+    return RuntimeError(
+        f"crosstrim cannot trim this Mllama model under transformers {transformers.__version__}: {detail}. "
+        "crosstrim is tested with transformers 4.57.3 and 5.24.0 (README, 'Supported versions') and refuses "
+        "to run rather than run untrimmed; use a tested version or report the change"
+    )
+
+
+def _parameters(function: Any) -> set[str]:
+    try:
+        return set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _check_layout(text: nn.Module, layers: list[int]) -> None:
+    """Refuse a model whose hook points, attributes or arguments are not the ones crosstrim reads."""
+    blocks = getattr(text, "layers", None)
+    if blocks is None or len(blocks) <= layers[-1]:
+        raise _drift(f"the text decoder has no `layers[{layers[-1]}]` although the config lists it as cross-attention")
+    calls = [("the text decoder", text, {"input_ids", "attention_mask", "cross_attention_states"})]
+    wanted = {"hidden_states", "cross_attention_states", "cross_attention_mask", "full_text_row_masked_out_mask"}
+    calls += [(f"cross-attention layer {idx}", blocks[idx], wanted) for idx in layers]
+    for where, module, names in calls:
+        accepted = _parameters(module.forward)
+        missing = sorted(names - accepted)
+        if missing:
+            raise _drift(f"{where}'s forward no longer takes {', '.join(missing)}")
+        if not accepted & {"cache", "past_key_values"}:
+            raise _drift(f"{where}'s forward takes neither `cache` nor `past_key_values`")
+    attn = getattr(blocks[layers[0]], "cross_attn", None)
+    for name in ("q_norm", "k_norm"):
+        if not isinstance(getattr(attn, name, None), nn.Module):
+            raise _drift(f"the first cross-attention layer has no `cross_attn.{name}` module to capture")
+    if not isinstance(getattr(attn, "scaling", None), (int, float)):
+        raise _drift("the first cross-attention layer has no numeric `cross_attn.scaling`")
+
+
+def _cached(cache: Any, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``idx``'s cached keys and values, read the way transformers' own decode step reads them."""
+    try:
+        layer = cache.layers[idx]
+        keys, values = layer.keys, layer.values
+    except (AttributeError, IndexError, TypeError) as error:
+        raise _drift(f"the cache ({type(cache).__name__}) has no `layers[{idx}].keys/values` ({error})") from None
+    if keys is None or values is None:
+        raise _drift(f"the cache's layer {idx} holds nothing after prefill")
+    return keys, values
 
 
 def _text_model(model: nn.Module) -> nn.Module:
@@ -145,7 +227,11 @@ def _check_cache(cache: Any, layers: list[int]) -> None:
 
 
 class TrimHandle:
-    """A model patched by :func:`trim`. ``stats`` describes the last prefill; ``remove()`` undoes it."""
+    """A model patched by :func:`trim`. ``stats`` describes the last prefill; ``remove()`` undoes it.
+
+    ``copy.deepcopy`` of a trimmed model gives a trimmed copy with its own handle (its hooks are
+    bound methods, copied with the model), reachable as ``TrimHandle.of(copy)``.
+    """
 
     def __init__(self, model: nn.Module, config: TrimConfig) -> None:
         text = _text_model(model)
@@ -154,26 +240,53 @@ class TrimHandle:
         layers = sorted(int(i) for i in (text.config.cross_attention_layers or []))
         if not layers:
             raise ValueError("this Mllama model has no cross-attention layers, so there is nothing to trim")
+        _check_layout(text, layers)
         vision = model.config.vision_config
         self.model = model
         self.config = config
-        self.stats: TrimStats | None = None
         self._text = text
         self._layers = layers
+        # Layers whose cache holds only the kept tokens after prefill (and whose decode masks are gathered).
+        self._trimmed = layers if config.trim_first_layer_cache else layers[1:]
         self._segment = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
-        self._step: _Step | None = None
+        self._calls = _CallState()
         first = text.layers[layers[0]]
+        # Bound methods (not closures), so that copy.deepcopy(model) binds the copy's hooks to its own handle.
         self._hooks = [
             text.register_forward_pre_hook(self._begin, with_kwargs=True),
-            text.register_forward_hook(self._end, with_kwargs=True),
-            first.cross_attn.q_norm.register_forward_hook(self._capture("query")),
-            first.cross_attn.k_norm.register_forward_hook(self._capture("key")),
+            text.register_forward_hook(self._end, with_kwargs=True, always_call=True),
+            first.cross_attn.q_norm.register_forward_hook(self._capture_query),
+            first.cross_attn.k_norm.register_forward_hook(self._capture_key),
             first.register_forward_hook(self._select, with_kwargs=True),
         ]
-        trimmed = layers[1:] if not config.trim_first_layer_cache else layers
-        for idx in trimmed:
-            self._hooks.append(text.layers[idx].register_forward_pre_hook(self._gather, with_kwargs=True))
+        for idx in self._trimmed:
+            gather = functools.partial(self._gather, idx)
+            self._hooks.append(text.layers[idx].register_forward_pre_hook(gather, with_kwargs=True))
+        self._own_generate = model.__dict__.get("generate")
+        model.generate = self._generate
         setattr(text, _HANDLE_ATTR, self)
+
+    @staticmethod
+    def of(model: nn.Module) -> TrimHandle | None:
+        """The handle trimming ``model`` (e.g. a ``copy.deepcopy`` of a trimmed model), or ``None``."""
+        return getattr(_text_model(model), _HANDLE_ATTR, None)
+
+    @property
+    def stats(self) -> TrimStats | None:
+        """What the calling thread's last prefill kept (``None`` before its first image prefill).
+
+        Per thread, so that threads sharing one trimmed model each read their own call's stats.
+        """
+        return self._calls.stats
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_calls"]  # thread-local, belongs to the calls of the original; a copy starts fresh
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._calls = _CallState()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -182,7 +295,12 @@ class TrimHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self._step = None
+        self._calls.step = None
+        if self.model.__dict__.get("generate") == self._generate:
+            if self._own_generate is None:
+                del self.model.generate
+            else:
+                self.model.generate = self._own_generate
         if getattr(self._text, _HANDLE_ATTR, None) is self:
             setattr(self._text, _HANDLE_ATTR, None)
 
@@ -192,26 +310,53 @@ class TrimHandle:
 
     # -- hooks -----------------------------------------------------------------------------------
 
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate``, refusing ``use_cache=False``: without a cache every step would be a new
+        prefill that selects again, scoring with the generated tokens too."""
+        # As generate resolves it: the keyword, else the passed config, else the model's (unset means True).
+        configs = (kwargs.get("generation_config"), self.model.generation_config)
+        settings = [kwargs.get("use_cache"), *(getattr(c, "use_cache", None) for c in configs)]
+        if next((s for s in settings if s is not None), True) is False:
+            raise ValueError(
+                "crosstrim selects image tokens once, at prefill, and keeps the selection on the KV cache; "
+                "generate(use_cache=False) would select again at every step from the prompt plus the generated "
+                "tokens. Use use_cache=True (the default)"
+            )
+        generate = self._own_generate or type(self.model).generate.__get__(self.model)
+        return generate(*args, **kwargs)
+
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Under torch.compile the data-dependent selection graph-breaks and runs eagerly, so
         # compiled models work; only pre-allocated (static) caches are refused.
+        if module.training:
+            raise RuntimeError(
+                "crosstrim trims for inference, but the model is in training mode (dropout, and gradient "
+                "checkpointing re-running layers under the selection hooks); call model.eval() first"
+            )
         cache = _cache(kwargs)
-        _check_cache(cache, self._layers)
+        if not self.config.is_identity:
+            _check_cache(cache, self._layers)
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self._step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache, input_ids=ids)
+        images = kwargs.get("cross_attention_states") is not None
+        self._calls.step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache, input_ids=ids, images=images)
 
-    def _capture(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self._step is not None:
-                setattr(self._step, name, output)
+    def _capture_query(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        step = self._calls.step
+        if step is not None:
+            step.query = output
 
-        return hook
+    def _capture_key(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        step = self._calls.step
+        if step is not None:
+            step.key = output
 
     def _select(self, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        step = self._step
+        step = self._calls.step
         states = kwargs.get("cross_attention_states")
         if step is None or states is None:
             return  # decode step: the first layer reads its cache
+        if self.config.needs_scores and (step.query is None or step.key is None):
+            raise _drift("the first cross-attention layer ran without calling `cross_attn.q_norm` / `k_norm`")
         mask = kwargs.get("cross_attention_mask")
         if mask is None:
             raise ValueError(
@@ -240,16 +385,15 @@ class TrimHandle:
                     step.query, step.key, mask, rows, attn.scaling, self.config.score_chunk_elements
                 )
             keep = self._select_per_image(scores, valid, tokens)
-            # A sample with no image (every row fully masked) passes through untouched.
-            keep |= ~valid.any(dim=-1, keepdim=True)
-        index, slot_valid = method.keep_to_index(keep)
+        # A sample with no image keeps nothing: the batch keeps its trimmed width (README, "Batches").
+        index, slot_valid = method.keep_to_index(keep, min_width=1)
         dropped = valid & ~keep if self.config.summarize_dropped and not self.config.is_identity else None
         step.selection = _Selection(index, slot_valid, tokens, self._images(tokens), dropped)
         step.prefill = True
         step.query = step.key = None
         valid_counts = valid.sum(-1).tolist()
         kept_counts = keep.sum(-1).tolist()
-        self.stats = self._stats(step.selection, kept_counts, valid_counts, batch, states.dtype)
+        self._calls.stats = self._stats(step.selection, kept_counts, valid_counts, batch, states.dtype)
         # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
         cache = _cache(kwargs)
         step.cache = step.cache if cache is None else cache
@@ -281,7 +425,7 @@ class TrimHandle:
         often the model ran before. Beams and ``num_return_sequences`` copies share their sample's ids,
         hence its selection.
         """
-        step = self._step
+        step = self._calls.step
         if step is None or step.input_ids is None:
             raise ValueError(
                 "method='random' seeds every sample from its token ids; call the model with input_ids "
@@ -301,19 +445,25 @@ class TrimHandle:
             seeds += [method.derive_seed(sample, (image,)) for image in range(images)]
         return seeds
 
-    def _gather(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        step = self._step
-        if step is None:
-            return None
+    def _gather(self, idx: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        step = self._calls.step
+        if step is None or self.config.is_identity:
+            return None  # ratio 1.0 drops nothing: every layer runs as it would untrimmed
         states = kwargs.get("cross_attention_states")
         if states is not None:
-            if layer.layer_idx == self._layers[0]:
+            if idx == self._layers[0]:
                 return None  # the first layer scores with every token
             selection = step.selection
+            if selection is None:
+                raise _drift(f"cross-attention layer {idx} got image features but the first one did not select")
+            step.received.add(idx)
+        elif step.prefill:
+            raise _drift(f"cross-attention layer {idx} got no `cross_attention_states` keyword during prefill")
         else:
             selection = getattr(step.cache, _SELECTION_ATTR, None)
-        if selection is None:
-            return None  # a cache filled before trimming holds every token
+            if selection is None:
+                self._check_untrimmed(idx, _cache(kwargs), kwargs.get("cross_attention_mask"))
+                return None  # a cache filled before trimming holds every token
         mask = kwargs.get("cross_attention_mask")
         hidden = args[0] if args else kwargs["hidden_states"]
         if selection.index.shape[0] != hidden.shape[0]:
@@ -337,6 +487,19 @@ class TrimHandle:
         return args, kwargs
 
     @staticmethod
+    def _check_untrimmed(idx: int, cache: Any, mask: torch.Tensor | None) -> None:
+        """A decode step without a stored selection must find a full-width cache, or the selection was lost."""
+        if cache is None or mask is None:
+            return
+        layers = getattr(cache, "layers", None)
+        keys = getattr(layers[idx], "keys", None) if layers is not None and idx < len(layers) else None
+        if keys is not None and keys.shape[-2] != mask.shape[-1]:
+            raise _drift(
+                f"at a decode step, cross-attention layer {idx} caches {keys.shape[-2]} image tokens but the cache "
+                f"object carries no crosstrim selection (mask over {mask.shape[-1]}): the cache was replaced"
+            )
+
+    @staticmethod
     def _shared(step: _Step, slot: int, device: torch.device, make) -> torch.Tensor:
         """Compute a gathered tensor once per forward and device; all later layers reuse it."""
         key = (slot, device)
@@ -345,13 +508,34 @@ class TrimHandle:
         return step.gathered[key]
 
     def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        step, self._step = self._step, None
-        if step is None or not step.prefill or step.cache is None or not self.config.trim_first_layer_cache:
+        """After every decoder call, also one that raised (``always_call``): the call's state goes first."""
+        step, self._calls.step = self._calls.step, None
+        if step is None or output is None:
+            return  # output is None when the forward raised: dropping the step released its tensors
+        if step.images and step.selection is None:
+            raise _drift(f"the first cross-attention layer ({self._layers[0]}) got no `cross_attention_states` keyword")
+        if not step.prefill or self.config.is_identity:
             return
-        layer = step.cache.layers[self._layers[0]]
-        index = step.selection.index.to(layer.keys.device)
-        layer.keys = method.gather_cache(layer.keys, index)
-        layer.values = method.gather_cache(layer.values, index)
+        later = [idx for idx in self._layers[1:] if idx not in step.received]
+        if later:
+            raise _drift(f"cross-attention layers {later} did not receive the gathered image features")
+        if step.cache is None:
+            return  # use_cache=False: nothing is kept
+        selection = step.selection
+        if self.config.trim_first_layer_cache:
+            keys, values = _cached(step.cache, self._layers[0])
+            layer = step.cache.layers[self._layers[0]]
+            index, slot_valid = selection.on(keys.device)
+            layer.keys = method.gather_cache(keys, index, slot_valid)
+            layer.values = method.gather_cache(values, index, slot_valid)
+        width = selection.index.shape[1] + (selection.images if selection.dropped is not None else 0)
+        for idx in self._trimmed:
+            keys, values = _cached(step.cache, idx)
+            if keys.shape[-2] != width or values.shape[-2] != width:
+                raise _drift(
+                    f"after prefill, cross-attention layer {idx} caches {keys.shape[-2]} image tokens, "
+                    f"not the {width} kept"
+                )
 
     # -- accounting ------------------------------------------------------------------------------
 
@@ -362,9 +546,9 @@ class TrimHandle:
         kv_heads = text_config.num_key_value_heads
         head_dim = text_config.hidden_size // text_config.num_attention_heads
         size = torch.empty((), dtype=dtype).element_size()
-        full = method.kv_bytes(batch, selection.full_tokens, kv_heads, head_dim, size)
+        full = memory.layer_kv_bytes(batch, selection.full_tokens, kv_heads, head_dim, size)
         summaries = selection.images if selection.dropped is not None else 0
-        slim = method.kv_bytes(batch, selection.index.shape[1] + summaries, kv_heads, head_dim, size)
+        slim = memory.layer_kv_bytes(batch, selection.index.shape[1] + summaries, kv_heads, head_dim, size)
         trimmed = len(self._layers) - (0 if self.config.trim_first_layer_cache else 1)
         index_cpu = selection.index.cpu()
         return TrimStats(
@@ -377,7 +561,7 @@ class TrimHandle:
             trimmed_layers=trimmed,
             kv_bytes_full=full * len(self._layers),
             kv_bytes_kept=slim * trimmed + full * (len(self._layers) - trimmed),
-            kv_bytes_per_token=method.kv_bytes(1, 1, kv_heads, head_dim, size),
+            kv_bytes_per_token=memory.layer_kv_bytes(1, 1, kv_heads, head_dim, size),
             summary_tokens=summaries,
         )
 
@@ -393,7 +577,7 @@ def _gathered_mask(mask: torch.Tensor, selection: _Selection) -> torch.Tensor:
 
 def _gathered_states(states: torch.Tensor, selection: _Selection) -> torch.Tensor:
     """The kept image features ``(B, K, D)``, then one summary token per image if there are any."""
-    gathered = method.gather_tokens(states, selection.on(states.device)[0])
+    gathered = method.gather_tokens(states, *selection.on(states.device))
     if selection.dropped is None:
         return gathered
     summaries = method.summary_tokens(states, selection.dropped.to(states.device), selection.images)
@@ -403,8 +587,10 @@ def _gathered_states(states: torch.Tensor, selection: _Selection) -> torch.Tenso
 def trim(model: nn.Module, config: TrimConfig | None = None) -> TrimHandle:
     """Patch ``model`` in place so later cross-attention layers see only the kept image features.
 
-    Works for forward calls and ``generate`` (greedy, sampling, beam search). Returns a handle
-    whose ``stats`` describe the last prefill and whose ``remove()`` restores the model.
+    Works for forward calls and ``generate`` (greedy, sampling, beam search) in eval mode. Returns a
+    handle whose ``stats`` describe the calling thread's last prefill and whose ``remove()`` restores
+    the model. Raises ``RuntimeError`` when this transformers version lays Mllama out differently
+    from what crosstrim hooks into.
     """
     if config is not None and not isinstance(config, TrimConfig):
         raise TypeError(f"config must be a crosstrim.TrimConfig, got {type(config).__name__}")

@@ -13,7 +13,9 @@ The prediction, :class:`Footprint`, in bytes::
 * ``held``: what the process holds before a run (weights, runtime), measured;
 * ``kv``: one sample's KV cache after the last decode step (the memory model: self KV of prompt + steps,
   cross KV of the kept tokens);
-* ``inputs``: one sample's inputs (pixel values in the model's dtype, ids, masks), counted from the tensors;
+* ``inputs``: one sample's inputs (pixel values in the model's dtype, ids, masks) where they are held on the
+  measured device: on CPU all of them; on GPU none (they stay on the CPU, as a processor returns them, and
+  each prefill slice moves over when it runs, so they count in the transient);
 * ``transient``: the peak of one prefill micro-batch above its own KV and inputs (vision activations,
   projected features, the first cross layer's K/V expanded to every query head, scoring), measured by
   running a batch of N alone;
@@ -154,7 +156,8 @@ def search(model, mm: memory.MemoryModel, variants: list, args, clock: Clock) ->
             except torch.OutOfMemoryError:  # GPU: does not fit
                 runs[batch] = {"peak_bytes": -1}
                 torch.cuda.empty_cache()
-            runs[batch]["input_bytes"] = sum(t.nbytes for t in inputs.values())
+            held_here = [t for t in inputs.values() if t.device == model.device]  # GPU: inputs stay on the CPU
+            runs[batch]["input_bytes"] = sum(t.nbytes for t in held_here)
             return runs[batch]
 
         calibration = probe(n)

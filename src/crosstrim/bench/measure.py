@@ -59,8 +59,9 @@ def make_inputs(model, mm: memory.MemoryModel, batch: int, text: int, seed: int)
 
 def pixel_inputs(model, mm: memory.MemoryModel, batch: int, text: int, seed: int) -> dict:
     """What a processor gives ``generate`` for ``batch`` prompts of ``text`` tokens, each with one image of
-    ``max_tiles`` tiles: random pixel values (in the model's dtype), aspect ratios, masks."""
-    gen, device, tiles = torch.Generator().manual_seed(seed + 1000 * batch + text), model.device, mm.max_tiles
+    ``max_tiles`` tiles: random pixel values (in the model's dtype), aspect ratios, masks; on the CPU, as a
+    processor returns them (``crosstrim.generate`` moves each prefill slice to the model's device)."""
+    gen, device, tiles = torch.Generator().manual_seed(seed + 1000 * batch + text), "cpu", mm.max_tiles
     ratios = model.config.vision_config.supported_aspect_ratios
     ratio_id = 1 + next(i for i, (h, w) in enumerate(ratios) if h * w == tiles)  # ids count from 1
     size = (batch, 1, tiles, 3, mm.image_size, mm.image_size)

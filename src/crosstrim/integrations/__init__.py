@@ -2,7 +2,8 @@
 
 ``lmms_eval_models`` is the payload of crosstrim's ``lmms_eval.models`` entry point (see
 ``pyproject.toml``): lmms-eval calls it while building its model registry, so it must stay cheap
-and import nothing heavy. The adapter itself lives in :mod:`crosstrim.integrations.lmms_eval`.
+and import nothing heavy. The adapter itself lives in :mod:`crosstrim.integrations.lmms_eval`, the writer
+of local lmms-eval tasks in :mod:`crosstrim.integrations.lmms_eval_tasks`.
 """
 
 from __future__ import annotations

@@ -4,13 +4,31 @@ No Llama-3.2-Vision weights can be downloaded everywhere crosstrim runs, yet the
 something on a model whose attention was *learned*. The testbed is that model: a normal transformers
 checkpoint (``MllamaForConditionalGeneration`` + ``MllamaProcessor``) in :data:`CHECKPOINT`, trained by
 :mod:`crosstrim.testbed.train` on :mod:`crosstrim.testbed.data`. The tools use it when no ``--model``
-is given.
+is given (:func:`load_model`), so ``demo``/``eval``/``viz`` work on a fresh clone with nothing downloaded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from crosstrim.evaluation import UserError, checkpoint
+
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 
-__all__ = ["CHECKPOINT"]
+
+def load_model(model_dir: str | Path | None, device: str = "auto", dtype: str = "auto"):
+    """``(model, processor, name)`` for the checkpoint folder ``model_dir``, or the shipped testbed when it is
+    ``None`` (the tools' ``--model``, which defaults to the testbed)."""
+    if model_dir:
+        model, processor = checkpoint.load(model_dir, device, dtype)
+        return model, processor, str(model_dir)
+    if not (CHECKPOINT / "config.json").is_file():
+        raise UserError(
+            f"the testbed checkpoint is missing from {CHECKPOINT}; "
+            "train it with `crosstrim testbed train --out DIR` and pass --model DIR"
+        )
+    model, processor = checkpoint.load(CHECKPOINT, device, dtype)
+    return model, processor, "testbed"
+
+
+__all__ = ["CHECKPOINT", "load_model"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from crosstrim.tools.dataset import Item
+from crosstrim.evaluation.dataset import Item
 
 CELL = 12  # pixels per grid cell = the vision encoder's patch size
 TILE_CELLS = 4  # cells per tile side, so a tile is 48 px

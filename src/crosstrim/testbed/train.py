@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 from crosstrim import tiny
+from crosstrim.evaluation import inference
+from crosstrim.evaluation.dataset import Item
 from crosstrim.testbed import data
 from crosstrim.testbed import model as testbed_model
-from crosstrim.tools import inference
-from crosstrim.tools.dataset import Item
 
 VALID_SEED = 4242  # monitoring split: neither the training stream nor the held-out evaluation split
 EOS = "<|end_of_text|>"

@@ -39,7 +39,8 @@ from crosstrim.bench.measure import Clock, make_inputs, measure, random_model, s
 from crosstrim.bench.summary import summarise
 from crosstrim.bench.vision import time_vision
 from crosstrim.config import TrimConfig
-from crosstrim.tools import UserError, checkpoint, fractions, ints, table
+from crosstrim.evaluation import UserError, checkpoint
+from crosstrim.evaluation.options import fractions, ints, table
 
 GB, MB = 1e9, 1e6
 

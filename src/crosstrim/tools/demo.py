@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crosstrim.evaluation import UserError, options, sources
+from crosstrim.evaluation.inference import predict
 from crosstrim.testbed import data as testbed_data
-from crosstrim.tools import UserError, options, sources, viz
-from crosstrim.tools.inference import predict
-from crosstrim.tools.testbed import load_model
+from crosstrim.testbed import load_model
+from crosstrim.tools import viz
 
 
 def register(subparsers) -> None:
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     config = options.trim_config(args)
     if args.count < 1:
         raise UserError("--count must be at least 1")
-    model, processor, name = load_model(args)
+    model, processor, name = load_model(args.model, args.device, args.dtype)
     items = testbed_data.heldout(args.count)
     full = predict(model, processor, items, None, batch_size=len(items))
     trimmed = predict(model, processor, items, config, batch_size=len(items))

@@ -15,6 +15,7 @@ import json
 import platform
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,10 +23,11 @@ import torch
 
 import crosstrim
 from crosstrim.config import TrimConfig
+from crosstrim.evaluation import UserError, distributed, options, sources
+from crosstrim.evaluation.inference import Prediction
+from crosstrim.evaluation.options import progress_bar
 from crosstrim.testbed import data as testbed_data
-from crosstrim.tools import UserError, distributed, options, sources
-from crosstrim.tools.inference import Prediction
-from crosstrim.tools.testbed import load_model, progress_bar
+from crosstrim.testbed import load_model
 
 # "Later layers see one token": the budget that keeps a single token per image (1e-4 * N < 1 for
 # N <= 10,000 image tokens, i.e. any Llama-3.2-Vision input). It measures how much the model needs
@@ -42,21 +44,40 @@ class Run:
     config: TrimConfig | None
 
 
-def plan(k_ratios: list[float], keep_ratios: list[float], methods: list[str], summarize: bool = False) -> list[Run]:
+# The TrimConfig field each sweep flag sets, so a bad value is an error naming the flag.
+SWEEP_FLAGS = {"method": "--methods", "k_ratio": "--k-ratios", "keep_ratio": "--keep-ratios", "seed": "--seed"}
+
+
+def plan(
+    k_ratios: Sequence[float | str],
+    keep_ratios: Sequence[float | str],
+    methods: Sequence[str],
+    summarize: bool = False,
+    seed: int | str = 0,
+) -> list[Run]:
     """The runs of one evaluation, untrimmed first; with ``summarize``, every selection also runs with
-    ``TrimConfig.summarize_dropped`` (family and label get ``+summary``)."""
-    selections = [Run(f"trimmed k={k:g}", "trimmed (k_ratio)", TrimConfig(k_ratio=k)) for k in k_ratios]
+    ``TrimConfig.summarize_dropped`` (family and label get ``+summary``). Values may be the flags' strings:
+    they are parsed by :meth:`TrimConfig.from_options`, whose errors name the flags (``ValueError``)."""
+
+    def config(**options) -> TrimConfig:
+        return TrimConfig.from_options({**options, "seed": seed}, names=SWEEP_FLAGS)
+
+    selections = []
+    for k in k_ratios:
+        trimmed = config(k_ratio=k)
+        selections.append(Run(f"trimmed k={trimmed.k_ratio:g}", "trimmed (k_ratio)", trimmed))
     for keep in keep_ratios:
         for name in methods:
-            config = TrimConfig(method=name, keep_ratio=keep)
-            selections.append(Run(f"{name} keep={keep:g}", f"{name} (keep_ratio)", config))
+            chosen = config(method=name, keep_ratio=keep)
+            selections.append(
+                Run(f"{chosen.method} keep={chosen.keep_ratio:g}", f"{chosen.method} (keep_ratio)", chosen)
+            )
     runs = [Run("full", "full", None)]
     for r in selections:
         runs.append(r)
         if summarize:
-            config = replace(r.config, summarize_dropped=True)
-            runs.append(Run(f"{r.label} +summary", f"{r.family} +summary", config))
-    runs.append(Run("later layers: 1 token", "one token", TrimConfig(method="uniform", keep_ratio=ONE_TOKEN)))
+            runs.append(Run(f"{r.label} +summary", f"{r.family} +summary", replace(r.config, summarize_dropped=True)))
+    runs.append(Run("later layers: 1 token", "one token", config(method="uniform", keep_ratio=ONE_TOKEN)))
     return runs
 
 
@@ -201,14 +222,9 @@ def versions() -> dict[str, str]:
     }
 
 
-def _ratios(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise UserError(f"{flag} takes comma-separated numbers, e.g. 0.5,0.25; got {text!r}") from err
-    if any(not 0 < v <= 1 for v in values):
-        raise UserError(f"{flag} values must be in (0, 1]; got {text!r}")
-    return values
+def _listed(text: str) -> list[str]:
+    """The values of a comma-separated sweep flag (empty ones dropped: ``--k-ratios ""`` sweeps none)."""
+    return [value.strip() for value in text.split(",") if value.strip()]
 
 
 def register(subparsers) -> None:
@@ -234,26 +250,19 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    parser.add_argument("--seed", default=0, help="seed of the random baseline")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.limit < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in crosstrim.config.METHODS]
-    if unknown:
-        raise UserError(
-            f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(crosstrim.config.METHODS)}"
+    try:
+        runs = plan(
+            _listed(args.k_ratios), _listed(args.keep_ratios), _listed(args.methods), args.summarize_dropped, args.seed
         )
-    runs = plan(
-        _ratios(args.k_ratios, "--k-ratios"),
-        _ratios(args.keep_ratios, "--keep-ratios"),
-        methods,
-        args.summarize_dropped,
-    )
-    runs = [Run(r.label, r.family, r.config and TrimConfig(**{**asdict(r.config), "seed": args.seed})) for r in runs]
+    except ValueError as err:
+        raise UserError(str(err)) from err
     if args.data:
         data = sources.load(args.data, skip_bad=args.skip_bad)
         data = replace(data, items=data.items[: args.limit])
@@ -275,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if rank.world_size > 1:
             args.device = str(rank.device)
-        model, processor, model_name = load_model(args)
+        model, processor, model_name = load_model(args.model, args.device, args.dtype)
         results = []
         with progress_bar() as bar:
             task = bar.add_task("eval", total=len(items) * len(runs), note="", visible=rank.is_main)

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 import crosstrim
-from crosstrim.tools import UserError, checkpoint, options
+from crosstrim.evaluation import UserError, checkpoint, options
 
 
 def register(subparsers) -> None:

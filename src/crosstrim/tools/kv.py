@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from crosstrim import memory
-from crosstrim.tools import UserError, fractions, ints, table
+from crosstrim.evaluation import UserError
+from crosstrim.evaluation.options import fractions, ints, table
 
 GB = 1e9
 

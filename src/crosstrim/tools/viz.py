@@ -20,11 +20,11 @@ import torch
 import crosstrim
 from crosstrim import method
 from crosstrim.config import TrimConfig
+from crosstrim.evaluation import UserError, checkpoint, options
+from crosstrim.evaluation.dataset import Item
+from crosstrim.evaluation.inference import encode, predict
 from crosstrim.testbed import data as testbed_data
-from crosstrim.tools import UserError, checkpoint, options
-from crosstrim.tools.dataset import Item
-from crosstrim.tools.inference import encode, predict
-from crosstrim.tools.testbed import load_model
+from crosstrim.testbed import load_model
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         item = testbed_data.heldout(1, start=args.item)[0]
     if not str(args.out).lower().endswith(".png"):
         raise UserError(f"--out must name a .png file, got {args.out!r}")
-    model, processor, _ = load_model(args)
+    model, processor, _ = load_model(args.model, args.device, args.dtype)
     shown = figure(item, model, processor, config, Path(args.out))
     print(f"{item.prompt} -> full: {shown['full']!r}, {config.describe()}: {shown['trimmed']!r}")
     print(f"kept {shown['kept']}/{shown['valid']} image tokens; wrote {args.out}")

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from crosstrim.config import TrimConfig
-from crosstrim.tools.dataset import Item
-from crosstrim.tools.inference import Prediction, predict
+from crosstrim.evaluation.dataset import Item
+from crosstrim.evaluation.inference import Prediction, predict
 
 T = TypeVar("T")
 
@@ -131,7 +131,7 @@ def predict_sharded(
     max_new_tokens: int = 16,
     progress=None,
 ) -> list[Prediction] | None:
-    """:func:`~crosstrim.tools.inference.predict` over this process's shard; all predictions on rank 0.
+    """:func:`~crosstrim.evaluation.inference.predict` over this process's shard; all predictions on rank 0.
 
     Every process must call it with the same items (in the same order) and settings. Rank 0 gets
     the merged predictions in item order, the others ``None``.

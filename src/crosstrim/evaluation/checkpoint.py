@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from crosstrim.tools import UserError
+from crosstrim.evaluation import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

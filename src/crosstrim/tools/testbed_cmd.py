@@ -1,7 +1,6 @@
 """``crosstrim testbed``: train the testbed model from scratch, or export its held-out questions as a file.
 
-Also the model loading the other tools share: no ``--model`` means the testbed checkpoint shipped
-inside the package, so ``demo``/``eval``/``viz`` work on a fresh clone with nothing downloaded.
+The testbed itself (data, model, training recipe, shipped checkpoint) is the package :mod:`crosstrim.testbed`.
 """
 
 from __future__ import annotations
@@ -11,45 +10,8 @@ import json
 import time
 from pathlib import Path
 
-from crosstrim import testbed
-from crosstrim.tools import UserError, checkpoint
-
-
-def progress_bar():
-    """The progress bar every long-running tool shows (on stderr, so stdout stays the result)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[note]}"),
-        console=Console(stderr=True),
-    )
-
-
-def load_model(args: argparse.Namespace):
-    """``(model, processor, name)`` for ``--model DIR``, or the shipped testbed when it is absent."""
-    if args.model:
-        model, processor = checkpoint.load(args.model, args.device, args.dtype)
-        return model, processor, str(args.model)
-    if not (testbed.CHECKPOINT / "config.json").is_file():
-        raise UserError(
-            f"the testbed checkpoint is missing from {testbed.CHECKPOINT}; "
-            "train it with `crosstrim testbed train --out DIR` and pass --model DIR"
-        )
-    model, processor = checkpoint.load(testbed.CHECKPOINT, args.device, args.dtype)
-    return model, processor, "testbed"
+from crosstrim.evaluation import UserError
+from crosstrim.evaluation.options import progress_bar
 
 
 def register(subparsers) -> None:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crosstrim.tools import UserError, checkpoint, vlmeval
-from crosstrim.tools.dataset import Item
+from crosstrim.evaluation import UserError, checkpoint, vlmeval_metrics, vlmeval_tsv
+from crosstrim.evaluation.dataset import Item
 
 Scorer = Callable[[Item, str], bool]
 BenchmarkScorer = Callable[[Sequence[Item], Sequence[str]], dict[str, float]]
@@ -38,7 +38,7 @@ class Dataset:
     score: Scorer
     official: BenchmarkScorer | None = None
     headline: str | None = None
-    skipped: list[vlmeval.Skipped] = field(default_factory=list)
+    skipped: list[vlmeval_tsv.Skipped] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -111,15 +111,22 @@ def load_jsonl(path: Path, skip_bad: bool = False) -> Dataset:
                 if not skip_bad:
                     raise UserError(f"{where}: {bad}; fix it, or skip bad lines with --skip-bad") from bad
                 index = str(record["id"]) if isinstance(record, dict) and "id" in record else ""
-                skipped.append(vlmeval.Skipped(where, index, str(bad)))
+                skipped.append(vlmeval_tsv.Skipped(where, index, str(bad)))
     return Dataset(items, exact_match, skipped=skipped)
 
 
 def load_vlmeval_tsv(path: Path, skip_bad: bool = False) -> Dataset:
-    """A VLMEvalKit TSV (:mod:`crosstrim.tools.vlmeval`): scored per question with the benchmark's answer
-    extraction (:func:`~crosstrim.tools.vlmeval.correct`) and officially by :func:`~crosstrim.tools.vlmeval.score`."""
-    data = vlmeval.load_tsv(path, skip_bad=skip_bad)
-    return Dataset(data.items, vlmeval.correct, vlmeval.score, vlmeval.headline(data.benchmark), data.skipped)
+    """A VLMEvalKit TSV (:mod:`~crosstrim.evaluation.vlmeval_tsv`): scored per question with the benchmark's
+    answer extraction (:func:`~crosstrim.evaluation.vlmeval_metrics.correct`) and officially by
+    :func:`~crosstrim.evaluation.vlmeval_metrics.score`."""
+    data = vlmeval_tsv.load_tsv(path, skip_bad=skip_bad)
+    return Dataset(
+        data.items,
+        vlmeval_metrics.correct,
+        vlmeval_metrics.score,
+        vlmeval_metrics.headline(data.benchmark),
+        data.skipped,
+    )
 
 
 SOURCES: dict[str, Source] = {

@@ -9,8 +9,8 @@ import torch
 
 import crosstrim
 from crosstrim.config import TrimConfig
-from crosstrim.tools import checkpoint
-from crosstrim.tools.dataset import Item
+from crosstrim.evaluation import checkpoint
+from crosstrim.evaluation.dataset import Item
 
 
 @dataclass(frozen=True)
