@@ -15,8 +15,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from crosstrim import memory
+from crosstrim.bench import measure
 from crosstrim.config import TrimConfig
-from crosstrim.tools import bench
 
 
 def main() -> None:
@@ -28,24 +28,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cross = list(range(1, args.layers, 2))
-    model = bench.random_model("11b", args.layers, cross, 16384, torch.device("cpu"), torch.float32, 0)
+    model = measure.random_model("11b", args.layers, cross, 16384, torch.device("cpu"), torch.float32, 0)
     mm = memory.MemoryModel.from_config(model.config)
-    inputs = bench.make_inputs(model, mm, args.batch, args.text, 0)
+    inputs = measure.make_inputs(model, mm, args.batch, args.text, 0)
     variants = [
         ("full", None),
         ("keep 0.25", TrimConfig(keep_ratio=0.25)),
         ("keep 0.25, first layer too", TrimConfig(keep_ratio=0.25, trim_first_layer_cache=True)),
     ]
-    clock = bench.Clock(torch.device("cpu"))
+    clock = measure.Clock(torch.device("cpu"))
     print(f"batch {args.batch}, text {args.text}, {args.layers} layers (cross {cross}), 1 thread; ms per step")
     for name, config in variants:
-        cache, token, _, _, _ = bench.timed_call(model, config, clock, **inputs, logits_to_keep=1)
+        cache, token, _, _, _ = measure.timed_call(model, config, clock, **inputs, logits_to_keep=1)
         mask, cross_mask = inputs["attention_mask"], inputs["cross_attention_mask"][:, -1:]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
                 step = {"attention_mask": mask, "cross_attention_mask": cross_mask, "past_key_values": cache}
-                _, token, _, _, _ = bench.timed_call(model, config, clock, input_ids=token, **step)
+                _, token, _, _, _ = measure.timed_call(model, config, clock, input_ids=token, **step)
         totals = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
         for event in prof.key_averages():
             if event.key in ("aten::mm", "aten::addmm", "aten::bmm"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from crosstrim import memory
 from crosstrim.evaluation import UserError
+from crosstrim.evaluation.options import fractions, ints, table
 
 # Decimal byte units, largest first: every table and plot picks the one that fits its largest number.
 UNITS = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))
@@ -50,26 +51,6 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise UserError(f"{name} must be comma-separated integers, got {text!r}") from err
-    if not values or min(values) < 1:
-        raise UserError(f"{name} must be positive integers, got {text!r}")
-    return values
-
-
-def fractions(text: str, name: str = "--keep") -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise UserError(f"{name} must be comma-separated fractions in (0, 1], got {text!r}") from err
-    if not values or not all(0.0 < v <= 1.0 for v in values):
-        raise UserError(f"{name} must be fractions in (0, 1], e.g. 0.5,0.25; got {text!r}")
-    return values
-
-
 def load_model(model_dir: str | None, preset: str | None) -> memory.MemoryModel:
     """The memory model of a checkpoint's ``config.json`` or of a preset (default 11b)."""
     if model_dir is None:
@@ -90,13 +71,6 @@ def load_model(model_dir: str | None, preset: str | None) -> memory.MemoryModel:
         return memory.MemoryModel.from_config(config, name=path.name)
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path / 'config.json'} lacks an Mllama field: {err}") from err
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def compute(model: memory.MemoryModel, args: argparse.Namespace) -> dict:
