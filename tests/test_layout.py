@@ -11,7 +11,7 @@ import crosstrim
 from crosstrim import cli, tools
 
 SRC = Path(crosstrim.__file__).resolve().parent
-CORE = ("config", "method", "mllama", "memory", "tiny")
+CORE = ("config", "method", "mllama", "mllama_checks", "stats", "generation", "memory", "tiny")
 # Layer -> the crosstrim layers above it, which it must never import.
 FORBIDDEN = {
     **{f"{name}.py": ("evaluation", "testbed", "integrations", "tools", "cli") for name in CORE},

@@ -14,7 +14,8 @@ The method itself lives in :mod:`crosstrim.method` and works on plain tensors.
 
 from crosstrim.config import TrimConfig
 from crosstrim.generation import generate
-from crosstrim.mllama import TrimHandle, TrimStats, trim, trimmed
+from crosstrim.mllama import TrimHandle, trim, trimmed
+from crosstrim.stats import TrimStats
 
 __version__ = "0.1.0"
 

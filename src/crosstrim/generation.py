@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from crosstrim.method import Selection
-from crosstrim.mllama import _HANDLE_ATTR, _SELECTION_ATTR, FirstLayerScores, TrimStats
+from crosstrim.mllama import _HANDLE_ATTR, _SELECTION_ATTR
+from crosstrim.stats import FirstLayerScores, TrimStats
 
 # Inputs that have one row per sample and go into the prefill forward; generate gets the rest.
 _PREFILL_INPUTS = (

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,93 +30,12 @@ import torch
 from torch import nn
 
 from crosstrim import memory, method
+from crosstrim import mllama_checks as checks
 from crosstrim.config import TrimConfig
+from crosstrim.stats import FirstLayerScores, TrimStats
 
 _SELECTION_ATTR = "_crosstrim_selection"
 _HANDLE_ATTR = "_crosstrim_handle"
-
-
-@dataclass(frozen=True)
-class TrimStats:
-    """What the last prefill kept, per sample, and what it costs in cross-attention KV cache.
-
-    ``kept_indices[b]`` index sample ``b``'s image tokens as transformers lays them out:
-    ``image * max_tiles * tokens_per_tile + tile * tokens_per_tile + token``: every slot later layers
-    attend and cache. ``kept_counts[b]`` counts only its valid (non-padding) tokens, so it never exceeds
-    ``valid_counts[b]``. The two differ at ratio 1.0, the identity, which keeps padding-tile slots too
-    (and so saves no cache); any ratio below 1 keeps valid tokens only (k 0.999 drops just the padding tiles).
-    A sample with no image keeps nothing and reports 0 kept of 0 valid; the batch keeps its trimmed
-    width (see README, "Batches").
-    ``summary_tokens`` counts the stand-ins for dropped tokens (``TrimConfig.summarize_dropped``: one
-    per image slot) that every trimmed layer caches per sample beside the kept tokens.
-    ``image_counts[b]`` is how many images sample ``b`` has, of the batch's ``image_slots`` per row (a
-    batch gives every row as many slots as its sample with the most images), so that
-    :meth:`sample_kv_bytes` can tell what a sample holds alone from what the batch adds.
-    """
-
-    method: str
-    kept_indices: tuple[torch.Tensor, ...]
-    kept_counts: tuple[int, ...]
-    valid_counts: tuple[int, ...]
-    image_tokens: int
-    cross_layers: int
-    trimmed_layers: int
-    kv_bytes_full: int
-    kv_bytes_kept: int
-    kv_bytes_per_token: int
-    summary_tokens: int = 0
-    image_counts: tuple[int, ...] = ()
-    image_slots: int = 1
-
-    def sample_kv_bytes(self, b: int) -> tuple[int, int]:
-        """Cross-attention KV bytes ``(full, kept)`` sample ``b`` holds when run alone: neither the kept-slot
-        padding nor the image slots of a batch whose other samples have more images.
-
-        A sample without an image holds no cross-attention cache alone (its prompt is text only): ``(0, 0)``.
-        """
-        if not self.valid_counts[b]:
-            return 0, 0
-        images = self.image_counts[b]
-        image_tokens = self.image_tokens // self.image_slots * images  # every tile slot of its own images
-        # Cached slots: at ratio 1.0 every slot (padding tiles too, of its own images alone), else the kept ones.
-        slots = min(len(self.kept_indices[b]), image_tokens) + (images if self.summary_tokens else 0)
-        untrimmed = self.cross_layers - self.trimmed_layers
-        full = self.cross_layers * image_tokens * self.kv_bytes_per_token
-        kept = (self.trimmed_layers * slots + untrimmed * image_tokens) * self.kv_bytes_per_token
-        return full, kept
-
-    @property
-    def kept_fraction(self) -> tuple[float, ...]:
-        """Kept / valid (non-padding) image tokens, per sample."""
-        return tuple(k / v if v else 1.0 for k, v in zip(self.kept_counts, self.valid_counts))
-
-    @property
-    def mean_kept_fraction(self) -> float:
-        """Mean kept fraction over the samples that have an image (1.0 when none has)."""
-        fractions = [k / v for k, v in zip(self.kept_counts, self.valid_counts) if v]
-        return sum(fractions) / len(fractions) if fractions else 1.0
-
-    def summary(self) -> str:
-        mb = 1024 * 1024
-        return (
-            f"{self.method}: kept {self.mean_kept_fraction:.1%} of image tokens "
-            f"(per sample {', '.join(f'{k}/{v}' for k, v in zip(self.kept_counts, self.valid_counts))}); "
-            f"cross-attn KV {self.kv_bytes_full / mb:.2f} MB -> {self.kv_bytes_kept / mb:.2f} MB"
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class FirstLayerScores:
-    """What the first cross-attention layer scored at a prefill: the method's input to selection.
-
-    Recorded only when ``TrimHandle.record_scores`` is set (``handle.scores``), so trimming stores
-    nothing extra by default. The first layer attends every image token, trimmed or not, so these
-    are also the untrimmed model's first-layer attention (what ``crosstrim viz`` draws).
-    """
-
-    layer: int  # the first cross-attention layer's index in the text decoder
-    scores: torch.Tensor  # (B, H, N) float32: per head, softmax weights summed over the scoring rows
-    valid: torch.Tensor  # (B, N) bool: image tokens some scoring row may attend (padding tiles are not)
 
 
 @dataclass
@@ -149,96 +67,6 @@ class _CallState(threading.local):
     scores: FirstLayerScores | None = None
 
 
-def _drift(detail: str) -> RuntimeError:
-    """The error for a transformers Mllama that no longer looks the way crosstrim hooks into it."""
-    import transformers
-
-    return RuntimeError(
-        f"crosstrim cannot trim this Mllama model under transformers {transformers.__version__}: {detail}. "
-        "crosstrim is tested with transformers 4.57.3 and 5.24.0 (README, 'Supported versions') and refuses "
-        "to run rather than run untrimmed; use a tested version or report the change"
-    )
-
-
-def _parameters(function: Any) -> set[str]:
-    try:
-        return set(inspect.signature(function).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _check_layout(text: nn.Module, layers: list[int]) -> None:
-    """Refuse a model whose hook points, attributes or arguments are not the ones crosstrim reads."""
-    blocks = getattr(text, "layers", None)
-    if blocks is None or len(blocks) <= layers[-1]:
-        raise _drift(f"the text decoder has no `layers[{layers[-1]}]` although the config lists it as cross-attention")
-    calls = [("the text decoder", text, {"input_ids", "attention_mask", "cross_attention_states"})]
-    wanted = {"hidden_states", "cross_attention_states", "cross_attention_mask", "full_text_row_masked_out_mask"}
-    calls += [(f"cross-attention layer {idx}", blocks[idx], wanted) for idx in layers]
-    for where, module, names in calls:
-        accepted = _parameters(module.forward)
-        missing = sorted(names - accepted)
-        if missing:
-            raise _drift(f"{where}'s forward no longer takes {', '.join(missing)}")
-        if not accepted & {"cache", "past_key_values"}:
-            raise _drift(f"{where}'s forward takes neither `cache` nor `past_key_values`")
-    attn = getattr(blocks[layers[0]], "cross_attn", None)
-    for name in ("q_norm", "k_norm"):
-        if not isinstance(getattr(attn, name, None), nn.Module):
-            raise _drift(f"the first cross-attention layer has no `cross_attn.{name}` module to capture")
-    if not isinstance(getattr(attn, "scaling", None), (int, float)):
-        raise _drift("the first cross-attention layer has no numeric `cross_attn.scaling`")
-
-
-def _cached(cache: Any, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer ``idx``'s cached keys and values, read the way transformers' own decode step reads them."""
-    try:
-        layer = cache.layers[idx]
-        keys, values = layer.keys, layer.values
-    except (AttributeError, IndexError, TypeError) as error:
-        raise _drift(f"the cache ({type(cache).__name__}) has no `layers[{idx}].keys/values` ({error})") from None
-    if keys is None or values is None:
-        raise _drift(f"the cache's layer {idx} holds nothing after prefill")
-    return keys, values
-
-
-def _text_model(model: nn.Module) -> nn.Module:
-    from transformers.models.mllama.modeling_mllama import MllamaTextModel
-
-    if isinstance(model, MllamaTextModel):
-        raise TypeError(
-            "crosstrim.trim needs the whole vision-language model (MllamaForConditionalGeneration "
-            "or MllamaModel), not its text decoder alone"
-        )
-    found = [m for m in model.modules() if isinstance(m, MllamaTextModel)]
-    if len(found) != 1 or getattr(getattr(model, "config", None), "vision_config", None) is None:
-        raise TypeError(
-            f"crosstrim.trim supports transformers Mllama models (Llama-3.2-Vision, "
-            f"MllamaForConditionalGeneration); got {type(model).__name__}"
-        )
-    return found[0]
-
-
-def _cache(kwargs: dict) -> Any:
-    """The cache a layer or model call received: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
-
-
-def _check_cache(cache: Any, layers: list[int]) -> None:
-    if cache is None or not hasattr(cache, "layers"):
-        return
-    from transformers.cache_utils import DynamicLayer
-
-    for idx in layers:
-        if idx < len(cache.layers) and not isinstance(cache.layers[idx], DynamicLayer):
-            raise ValueError(
-                f"crosstrim shrinks the cross-attention KV cache, but layer {idx} uses "
-                f"{type(cache.layers[idx]).__name__}, which is pre-allocated at full size; use the "
-                "default dynamic cache (drop cache_implementation='static' / 'offloaded_static')"
-            )
-
-
 class TrimHandle:
     """A model patched by :func:`trim`. ``stats`` describes the last prefill; ``remove()`` undoes it.
 
@@ -251,13 +79,13 @@ class TrimHandle:
     """
 
     def __init__(self, model: nn.Module, config: TrimConfig) -> None:
-        text = _text_model(model)
+        text = checks.text_model(model)
         if getattr(text, _HANDLE_ATTR, None) is not None:
             raise ValueError("this model is already trimmed; call handle.remove() before trimming it again")
         layers = sorted(int(i) for i in (text.config.cross_attention_layers or []))
         if not layers:
             raise ValueError("this Mllama model has no cross-attention layers, so there is nothing to trim")
-        _check_layout(text, layers)
+        checks.check_layout(text, layers)
         vision = model.config.vision_config
         self.model = model
         self.config = config
@@ -287,7 +115,7 @@ class TrimHandle:
     @staticmethod
     def of(model: nn.Module) -> TrimHandle | None:
         """The handle trimming ``model`` (e.g. a ``copy.deepcopy`` of a trimmed model), or ``None``."""
-        return getattr(_text_model(model), _HANDLE_ATTR, None)
+        return getattr(checks.text_model(model), _HANDLE_ATTR, None)
 
     @property
     def stats(self) -> TrimStats | None:
@@ -359,9 +187,9 @@ class TrimHandle:
                 "crosstrim trims for inference, but the model is in training mode (dropout, and gradient "
                 "checkpointing re-running layers under the selection hooks); call model.eval() first"
             )
-        cache = _cache(kwargs)
+        cache = checks.cache_of(kwargs)
         if not self.config.is_identity:
-            _check_cache(cache, self._layers)
+            checks.check_cache(cache, self._layers)
         ids = kwargs.get("input_ids", args[0] if args else None)
         images = kwargs.get("cross_attention_states") is not None
         self._calls.step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache, input_ids=ids, images=images)
@@ -383,7 +211,7 @@ class TrimHandle:
             return  # decode step: the first layer reads its cache
         scoring = self.config.needs_scores or self.record_scores
         if scoring and (step.query is None or step.key is None):
-            raise _drift("the first cross-attention layer ran without calling `cross_attn.q_norm` / `k_norm`")
+            raise checks.drift("the first cross-attention layer ran without calling `cross_attn.q_norm` / `k_norm`")
         mask = kwargs.get("cross_attention_mask")
         if mask is None:
             raise ValueError(
@@ -418,7 +246,7 @@ class TrimHandle:
         images = valid.view(batch, step.selection.images, -1).any(-1).sum(-1).tolist()
         self._calls.stats = self._stats(step.selection, kept_counts, valid_counts, images, states.dtype)
         # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
-        cache = _cache(kwargs)
+        cache = checks.cache_of(kwargs)
         step.cache = step.cache if cache is None else cache
         if step.cache is not None:
             setattr(step.cache, _SELECTION_ATTR, step.selection)
@@ -478,14 +306,14 @@ class TrimHandle:
                 return None  # the first layer scores with every token
             selection = step.selection
             if selection is None:
-                raise _drift(f"cross-attention layer {idx} got image features but the first one did not select")
+                raise checks.drift(f"cross-attention layer {idx} got image features but the first one did not select")
             step.received.add(idx)
         elif step.prefill:
-            raise _drift(f"cross-attention layer {idx} got no `cross_attention_states` keyword during prefill")
+            raise checks.drift(f"cross-attention layer {idx} got no `cross_attention_states` keyword during prefill")
         else:
             selection = getattr(step.cache, _SELECTION_ATTR, None)
             if selection is None:
-                self._check_untrimmed(idx, _cache(kwargs), kwargs.get("cross_attention_mask"))
+                self._check_untrimmed(idx, checks.cache_of(kwargs), kwargs.get("cross_attention_mask"))
                 return None  # a cache filled before trimming holds every token
         mask = kwargs.get("cross_attention_mask")
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -517,7 +345,7 @@ class TrimHandle:
         layers = getattr(cache, "layers", None)
         keys = getattr(layers[idx], "keys", None) if layers is not None and idx < len(layers) else None
         if keys is not None and keys.shape[-2] != mask.shape[-1]:
-            raise _drift(
+            raise checks.drift(
                 f"at a decode step, cross-attention layer {idx} caches {keys.shape[-2]} image tokens but the cache "
                 f"object carries no crosstrim selection (mask over {mask.shape[-1]}): the cache was replaced"
             )
@@ -536,23 +364,25 @@ class TrimHandle:
         if step is None or output is None:
             return  # output is None when the forward raised: dropping the step released its tensors
         if step.images and step.selection is None:
-            raise _drift(f"the first cross-attention layer ({self._layers[0]}) got no `cross_attention_states` keyword")
+            raise checks.drift(
+                f"the first cross-attention layer ({self._layers[0]}) got no `cross_attention_states` keyword"
+            )
         if not step.prefill or self.config.is_identity:
             return
         later = [idx for idx in self._layers[1:] if idx not in step.received]
         if later:
-            raise _drift(f"cross-attention layers {later} did not receive the gathered image features")
+            raise checks.drift(f"cross-attention layers {later} did not receive the gathered image features")
         if step.cache is None:
             return  # use_cache=False: nothing is kept
         selection = step.selection
         if self.config.trim_first_layer_cache:
-            keys, values = _cached(step.cache, self._layers[0])
+            keys, values = checks.cached_kv(step.cache, self._layers[0])
             layer = step.cache.layers[self._layers[0]]
             layer.keys, layer.values = selection.cache(keys), selection.cache(values)
         for idx in self._trimmed:
-            keys, values = _cached(step.cache, idx)
+            keys, values = checks.cached_kv(step.cache, idx)
             if keys.shape[-2] != selection.width or values.shape[-2] != selection.width:
-                raise _drift(
+                raise checks.drift(
                     f"after prefill, cross-attention layer {idx} caches {keys.shape[-2]} image tokens, "
                     f"not the {selection.width} kept"
                 )

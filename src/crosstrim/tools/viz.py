@@ -23,7 +23,7 @@ from crosstrim.config import TrimConfig
 from crosstrim.evaluation import UserError, checkpoint, options
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import encode, predict
-from crosstrim.mllama import FirstLayerScores
+from crosstrim.stats import FirstLayerScores
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
 
