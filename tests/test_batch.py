@@ -6,8 +6,7 @@ import re
 
 import pytest
 import torch
-import transformers
-from support import image, run_cli
+from support import image, needs_testbed_checkpoint, run_cli
 
 import crosstrim
 from crosstrim import memory
@@ -219,10 +218,7 @@ def test_memory_budget_picks_the_batch_the_memory_model_allows(capsys, checkpoin
     assert code == 2 and "--prefill-batch-size must be at least 1" in err
 
 
-@pytest.mark.skipif(
-    int(transformers.__version__.split(".")[0]) < 5,
-    reason="the shipped testbed checkpoint's tokenizer files are in the transformers 5 format",
-)
+@needs_testbed_checkpoint
 def test_without_model_it_answers_with_the_shipped_testbed(capsys, requests, tmp_path):
     out = tmp_path / "answers.jsonl"
     code, stdout, err = run_cli(

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from support import image, run_cli
+from support import image, needs_testbed_checkpoint, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,7 @@ def test_every_model_command_has_threads_dtype_and_a_testbed_default(capsys, com
     assert "fp32/float32, bf16/bfloat16, fp16/float16" in text
 
 
+@needs_testbed_checkpoint
 def test_generate_defaults_to_the_testbed_and_sets_threads(capsys, tmp_path):
     import torch
 
@@ -184,3 +185,15 @@ def test_kv_accepts_the_shared_dtype_spellings(capsys):
         code, out, err = run_cli(capsys, "kv", "--no-plot", "--dtype", spelling)
         assert code == 0, err
         assert f"({shown} B/element)" in out
+
+
+def test_the_testbed_on_transformers_4_is_a_clear_error(capsys, monkeypatch, tmp_path):
+    """The shipped testbed's tokenizer files need transformers 5: say so, not an AttributeError from inside it."""
+    import transformers
+
+    image(1, 0).save(tmp_path / "x.png")
+    monkeypatch.setattr(transformers, "__version__", "4.57.3")
+    code, _, err = run_cli(
+        capsys, "generate", "--image", tmp_path / "x.png", "--prompt", "what color is the circle ?"
+    )  # fmt: skip
+    assert code == 2 and "transformers 4.57.3 cannot read them; upgrade transformers or pass --model DIR" in err

@@ -27,6 +27,13 @@ def load_model(model_dir: str | Path | None, device: str = "auto", dtype: str = 
             f"the testbed checkpoint is missing from {CHECKPOINT}; "
             "train it with `crosstrim testbed train --out DIR` and pass --model DIR"
         )
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise UserError(
+            f"the built-in testbed's tokenizer files are in the transformers 5 format, and transformers "
+            f"{transformers.__version__} cannot read them; upgrade transformers or pass --model DIR"
+        )
     model, processor = checkpoint.load(CHECKPOINT, device, dtype)
     return model, processor, "testbed"
 
