@@ -131,3 +131,13 @@ needs_testbed_checkpoint = pytest.mark.skipif(
     int(transformers.__version__.split(".")[0]) < 5,
     reason="the shipped testbed checkpoint's tokenizer files are in the transformers 5 format",
 )
+
+
+# generate modes beyond greedy that trimming must serve as transformers does (pytest parameters and ids).
+GENERATE_MODES = [
+    {"do_sample": True, "top_k": 0, "temperature": 1.0},
+    {"num_beams": 3, "do_sample": False},
+    {"do_sample": True, "num_return_sequences": 2},
+    {"num_beams": 2, "num_return_sequences": 2, "do_sample": False},
+]
+GENERATE_MODE_IDS = ["sampling", "beam", "sampling-n2", "beam-n2"]

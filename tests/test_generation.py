@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from support import inputs, text_model
+from support import GENERATE_MODE_IDS, GENERATE_MODES, inputs, text_model
 
 import crosstrim
 from crosstrim import memory, tiny
@@ -130,16 +130,7 @@ def test_one_image_per_sample(model, processor, config, prefill_batch_size):
     assert_same_stats(stats, expected_stats)
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        {"do_sample": True, "top_k": 0, "temperature": 1.0},
-        {"num_beams": 3, "do_sample": False},
-        {"do_sample": True, "num_return_sequences": 2},
-        {"num_beams": 2, "num_return_sequences": 2, "do_sample": False},
-    ],
-    ids=["sampling", "beam", "sampling-n2", "beam-n2"],
-)
+@pytest.mark.parametrize("mode", GENERATE_MODES, ids=GENERATE_MODE_IDS)
 def test_generate_modes_equal_one_shot(model, two_images, mode):
     config = crosstrim.TrimConfig(k_ratio=0.1, summarize_dropped=True)
     kwargs = {"max_new_tokens": 4, "pad_token_id": 0, **mode}

@@ -4,7 +4,16 @@ import contextlib
 
 import pytest
 import torch
-from support import inputs, masked_reference, positions, summary_reference, text_model, valid_image_tokens
+from support import (
+    GENERATE_MODE_IDS,
+    GENERATE_MODES,
+    inputs,
+    masked_reference,
+    positions,
+    summary_reference,
+    text_model,
+    valid_image_tokens,
+)
 
 import crosstrim
 from crosstrim import memory, method, tiny
@@ -274,16 +283,7 @@ def test_random_keeps_what_the_sample_alone_keeps_in_any_batch_padding_or_call_o
     assert not torch.equal(other_seed, kept)
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        {"do_sample": True, "top_k": 0, "temperature": 1.0},
-        {"num_beams": 3, "do_sample": False},
-        {"do_sample": True, "num_return_sequences": 2},
-        {"num_beams": 2, "num_return_sequences": 2, "do_sample": False},
-    ],
-    ids=["sampling", "beam", "sampling-n2", "beam-n2"],
-)
+@pytest.mark.parametrize("mode", GENERATE_MODES, ids=GENERATE_MODE_IDS)
 def test_generate_modes_match_the_masked_reference(model, batch, mode):
     kwargs = {"max_new_tokens": 5, "pad_token_id": 0, **mode}
     with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.1)) as handle:

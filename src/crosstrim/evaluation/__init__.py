@@ -33,3 +33,19 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def run_setup(model, model_name: str, data_name: str, items: int, args, processes: int) -> dict:
+    """How a run answered its items, recorded in its results file: the model and data, the batch and
+    decoding settings (greedy), the device, dtype and process count."""
+    return {
+        "model": model_name,
+        "data": data_name,
+        "items": items,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        "decoding": "greedy",
+        "processes": processes,
+    }

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, calibration, distributed, options, versions
+from crosstrim.evaluation import UserError, calibration, distributed, options, run_setup, versions
 from crosstrim.evaluation.options import progress_bar
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
@@ -178,17 +178,7 @@ def run(args: argparse.Namespace) -> int:
     title = f"{model_name} on {data_name}, {len(items)} requests, target {args.target:.0%}"
     report = f"{title}\n\n{table(cal)}\n\n{verdict(cal)}\n"
     (out / "calibration.md").write_text(report)
-    setup = {
-        "model": model_name,
-        "data": data_name,
-        "items": len(items),
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "device": str(model.device),
-        "dtype": str(model.dtype),
-        "decoding": "greedy",
-        "processes": processes,
-    }
+    setup = run_setup(model, model_name, data_name, len(items), args, processes)
     record = {"setup": setup, "versions": versions(), **cal.to_json()}
     (out / "calibration.json").write_text(to_json(record))
     plot(cal, out / "calibration.png", title)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, distributed, options, sources, sweep, versions, vlmeval_tsv
+from crosstrim.evaluation import UserError, distributed, options, run_setup, sources, sweep, versions, vlmeval_tsv
 from crosstrim.evaluation.inference import Prediction
 from crosstrim.evaluation.options import progress_bar
 from crosstrim.evaluation.sweep import Setting
@@ -295,15 +295,7 @@ def run(args: argparse.Namespace) -> int:
         report += f"\nKept fraction per category (trimmed, k_ratio):\n\n{adaptive}\n"
     (out / "results.md").write_text(report)
     setup = {
-        "model": model_name,
-        "data": data_name,
-        "items": len(items),
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "device": str(model.device),
-        "dtype": str(model.dtype),
-        "decoding": "greedy",
-        "processes": processes,
+        **run_setup(model, model_name, data_name, len(items), args, processes),
         "headline": data.headline,
         "benchmark": data.benchmark,
         "limit": args.limit,
