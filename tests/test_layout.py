@@ -18,6 +18,7 @@ FORBIDDEN = {
     "evaluation": ("testbed", "integrations", "tools", "cli"),
     "testbed": ("integrations", "tools", "cli"),
     "integrations": ("testbed", "tools", "cli"),
+    "bench": ("evaluation", "testbed", "integrations", "tools", "cli"),
 }
 
 
