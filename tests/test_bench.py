@@ -94,13 +94,13 @@ def test_footprint_counts_the_merge_and_the_transient():
     assert fp.largest_batch(14) == 0  # not even one sample
 
 
-def test_merge_holds_the_widest_layers_keys_of_the_batch_twice():
+def test_merge_holds_one_trimmed_layers_keys_of_the_batch_twice():
+    """crosstrim.generate fills the layers every micro-batch shares in place; only the trimmed layers, whose
+    widths differ per micro-batch, are joined at the end, one layer at a time."""
     mm = memory.MemoryModel.from_config(tiny.tiny_config(512, text_layers=4, cross_attention_layers=[1, 3]))
     keys = mm.kv_bytes_per_token(torch.float32) // 2
-    assert capacity.merge_bytes(mm, torch.float32, 6, kept=None, first=False) == keys * mm.image_tokens
-    assert capacity.merge_bytes(mm, torch.float32, 6, kept=17, first=False) == keys * mm.image_tokens
-    assert capacity.merge_bytes(mm, torch.float32, 6, kept=17, first=True) == keys * 17
-    assert capacity.merge_bytes(mm, torch.float32, 100, kept=17, first=True) == keys * 100  # text wider
+    assert capacity.merge_bytes(mm, torch.float32, kept=None) == 0
+    assert capacity.merge_bytes(mm, torch.float32, kept=17) == keys * 17
 
 
 def test_decode_time_model_recovers_linear_layer_costs():
@@ -134,9 +134,9 @@ def test_compose_predicts_the_full_depth_batch_gain(monkeypatch):
     held = 21_340_441_670 + 3e9 - 2_020_000_000
     for row, r, kept in zip(rows, (1.0, 0.25), (None, 1601)):
         kv = ref.kv_bytes(dtype, text_tokens=34, r=r).total
-        want = capacity.Footprint(held, kv, 7_690_000, 2e9, capacity.merge_bytes(ref, dtype, 32, kept, False))
+        want = capacity.Footprint(held, kv, 7_690_000, 2e9, capacity.merge_bytes(ref, dtype, kept))
         assert row["batch"] == want.largest_batch(80e9) > 0
-    assert 2.0 < rows[1]["batch_ratio"] < 2.9  # 210 MB -> 72 MB of cross KV, less the full first layer's merge
+    assert 2.0 < rows[1]["batch_ratio"] < 2.9  # 210 MB -> 72 MB of cross KV, less the untrimmed inputs
     assert "tok_s" not in rows[0]  # no decode times measured: no tokens/s composed
 
 

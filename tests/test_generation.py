@@ -207,3 +207,28 @@ def test_an_image_less_sample_in_a_micro_batch_of_its_own(model, processor):
     assert_same_stats(stats, expected_stats)
     assert stats.valid_counts[2] == 0 == stats.kept_counts[2] and len(stats.kept_indices[2]) == 0
     assert min(stats.kept_counts[:2]) > 0
+
+
+def test_untrimmed_layers_are_merged_in_place_and_each_micro_batch_released():
+    """The merged cache gets whole-batch room for the layers every micro-batch shares, and each micro-batch's
+    tensors are dropped as soon as they are copied: the prefill never holds such a layer twice."""
+    from types import SimpleNamespace
+
+    from crosstrim.generation import _CacheMerger
+
+    def cache(rows, seed):
+        torch.manual_seed(seed)
+        shared = SimpleNamespace(keys=torch.randn(rows, 2, 5, 3), values=torch.randn(rows, 2, 5, 3))
+        return SimpleNamespace(layers=[shared])
+
+    first, second = cache(2, 0), cache(1, 1)
+    expected = torch.cat([first.layers[0].keys, second.layers[0].keys])
+    merger = _CacheMerger(batch=3, trimmed=set())
+    merger.add(first, 0)
+    room = first.layers[0].keys
+    assert room.shape[0] == 3  # allocated for the whole batch at the first micro-batch
+    merger.add(second, 2)
+    assert second.layers[0].keys is None and second.layers[0].values is None  # released once copied
+    merged = merger.finish([None, None])
+    assert merged is first and merged.layers[0].keys is room  # filled in place, never concatenated
+    assert torch.equal(merged.layers[0].keys, expected)

@@ -99,18 +99,17 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     handle = getattr(text, _HANDLE_ATTR, None)
     handle = handle if handle is not None and handle.active else None
     layers = sorted(int(i) for i in text.config.cross_attention_layers)
-    parts = [
-        _prefill(
-            model,
-            handle,
-            {name: kwargs[name][start : start + prefill_batch_size] for name in _PREFILL_INPUTS if name in kwargs},
-        )
-        for start in range(0, batch, prefill_batch_size)
-    ]
+    trimmed = set() if handle is None else set(layers if handle.config.trim_first_layer_cache else layers[1:])
+    merger = _CacheMerger(batch, trimmed)
+    parts = []
+    for start in range(0, batch, prefill_batch_size):
+        rows = {name: kwargs[name][start : start + prefill_batch_size] for name in _PREFILL_INPUTS if name in kwargs}
+        part = _prefill(model, handle, rows)
+        merger.add(part.cache, start)
+        parts.append(dataclasses.replace(part, cache=None))  # its tensors now live in the merged cache
     expand = _expand_size(model, kwargs)
     selections = [part.selection for part in parts]
-    trimmed = set() if handle is None else set(layers if handle.config.trim_first_layer_cache else layers[1:])
-    cache = _merge_caches([part.cache for part in parts], selections, trimmed)
+    cache = merger.finish(selections)
     if selections[0] is not None:  # trimmed (a selection is read only with an active handle)
         merged = Selection.concatenate(selections)
         setattr(cache, _SELECTION_ATTR, merged.repeat_interleave(expand))
@@ -278,27 +277,53 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def _merge_caches(caches: list, selections: list[Selection | None], trimmed: set[int]) -> Any:
-    """One cache for the whole batch, built layer by layer into the first micro-batch's cache object.
+class _CacheMerger:
+    """Builds the whole batch's cache from the micro-batches' caches as they come, in the first one's object.
 
-    A trimmed layer of micro-batch ``i`` holds ``K_i`` kept slots (then one summary token per image
-    slot with ``summarize_dropped``); every micro-batch is widened to the largest ``K`` with zero
-    slots after its kept ones (:meth:`Selection.widen`). Those slots are masked (``slot_valid``
-    False in :meth:`Selection.concatenate` of the selections), as the padding slots of a one-shot
-    prefill are. Each layer's pieces are released as soon as it is merged, so merging needs one
-    layer's worth of extra memory.
+    Layers whose width every micro-batch shares (self-attention: the prompt; untrimmed cross layers: every
+    image token) are allocated for the whole batch when the first micro-batch arrives and each micro-batch is
+    copied into its rows and released at once, so the prefill never holds such a layer twice (concatenating
+    at the end would, for a moment, hold the first cross layer's keys of the whole batch twice). Trimmed
+    cross layers hold ``K_i`` kept slots in micro-batch ``i`` (then one summary token per image slot with
+    ``summarize_dropped``), known only once every micro-batch has selected: they are kept apart and, in
+    :meth:`finish`, widened to the largest ``K`` with zero slots after the kept ones
+    (:meth:`Selection.widen`) and joined. Those slots are masked (``slot_valid`` False in
+    :meth:`Selection.concatenate` of the selections), as the padding slots of a one-shot prefill are.
     """
-    merged = caches[0]
-    width = max(s.kept_slots for s in selections) if selections[0] is not None else 0
-    for idx in range(len(merged.layers)):
-        for name in ("keys", "values"):
-            pieces = [getattr(cache.layers[idx], name) for cache in caches]
-            if idx in trimmed and selections[0] is not None:
-                pieces = [s.widen(piece, width, dim=2) for piece, s in zip(pieces, selections)]
-            setattr(merged.layers[idx], name, torch.cat(pieces, dim=0))
-            for cache in caches[1:]:
-                setattr(cache.layers[idx], name, None)
-    return merged
+
+    def __init__(self, batch: int, trimmed: set[int]) -> None:
+        self.batch, self.trimmed = batch, trimmed
+        self.cache: Any = None
+        self.pieces: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def add(self, cache: Any, start: int) -> None:
+        """Take micro-batch ``cache``, whose rows start at batch row ``start``."""
+        if self.cache is None:
+            self.cache = cache
+        for idx, layer in enumerate(cache.layers):
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                if tensor is None:  # a layer this prefill did not fill (none in Mllama's): nothing to merge
+                    continue
+                if idx in self.trimmed:
+                    self.pieces.setdefault((idx, name), []).append(tensor)
+                    continue
+                if cache is self.cache:  # the first micro-batch: room for the whole batch
+                    merged = tensor.new_empty((self.batch, *tensor.shape[1:]))
+                    setattr(self.cache.layers[idx], name, merged)
+                getattr(self.cache.layers[idx], name)[start : start + tensor.shape[0]] = tensor
+                if cache is not self.cache:
+                    setattr(layer, name, None)
+
+    def finish(self, selections: list[Selection | None]) -> Any:
+        """The merged cache, its trimmed layers joined (layer by layer, each part released once joined)."""
+        width = max(s.kept_slots for s in selections) if selections[0] is not None else 0
+        for (idx, name), pieces in self.pieces.items():
+            widened = [s.widen(piece, width, dim=2) for piece, s in zip(pieces, selections)]
+            pieces.clear()
+            setattr(self.cache.layers[idx], name, torch.cat(widened, dim=0))
+        self.pieces = {}
+        return self.cache
 
 
 def _merge_stats(parts: list[TrimStats], expand: int, width: int) -> TrimStats:

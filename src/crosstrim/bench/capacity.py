@@ -19,8 +19,9 @@ The prediction, :class:`Footprint`, in bytes::
 * ``transient``: the peak of one prefill micro-batch above its own KV and inputs (vision activations,
   projected features, the first cross layer's K/V expanded to every query head, scoring), measured by
   running a batch of N alone;
-* ``merge``: the micro-batch caches are joined layer by layer, so one layer's keys (or values) of the
-  whole batch exist twice for a moment; per sample, the largest such layer.
+* ``merge``: the trimmed layers' micro-batch caches, whose widths differ, are joined layer by layer at the
+  end, so one trimmed layer's keys (or values) of the whole batch exist twice for a moment; the layers
+  every micro-batch shares are filled in place (:class:`crosstrim.generation._CacheMerger`).
 """
 
 from __future__ import annotations
@@ -60,11 +61,11 @@ class Footprint:
         return b if b > 0 and self.peak(b) <= budget else 0
 
 
-def merge_bytes(mm: memory.MemoryModel, dtype, text_tokens: int, kept: int | None, first: bool) -> int:
-    """Per sample, the largest layer's keys: what joining the micro-batch caches holds twice at once.
-    ``kept``: the kept width of trimmed cross layers (None: untrimmed); ``first``: the first is trimmed too."""
-    cross = kept if kept is not None and first else mm.image_tokens
-    return mm.kv_bytes_per_token(dtype) // 2 * max(cross, text_tokens if mm.n_self else 0)
+def merge_bytes(mm: memory.MemoryModel, dtype, kept: int | None) -> int:
+    """Per sample, what joining the micro-batch caches holds twice at once: one trimmed layer's keys at the
+    kept width ``kept`` (``None``: nothing is trimmed, so nothing is joined). Layers every micro-batch shares
+    (self-attention, untrimmed cross layers) are filled in place and cost nothing extra."""
+    return 0 if kept is None else mm.kv_bytes_per_token(dtype) // 2 * kept
 
 
 class StepClock:
@@ -170,7 +171,7 @@ def search(model, mm: memory.MemoryModel, variants: list, args, clock: Clock) ->
         kv = kv_model if exact else calibration["kv_bytes"] // n  # adaptive: as its calibration run held
         per_input = calibration["input_bytes"] // n
         transient = calibration["peak_bytes"] - held - n * (kv + per_input)
-        fp = Footprint(held, kv, per_input, max(0, transient), merge_bytes(mm, dtype, text, kept, first))
+        fp = Footprint(held, kv, per_input, max(0, transient), merge_bytes(mm, dtype, kept))
         predicted = fp.largest_batch(budget)
         measured = largest_fitting(lambda b: 0 <= probe(b)["peak_bytes"] <= budget, max(predicted, 1), args.max_batch)
         at = runs.get(measured, {})
@@ -283,7 +284,7 @@ def compose(results: list[dict], mm, ref, args, dtype: torch.dtype, weights: int
             kv=ref.kv_bytes(dtype, text_tokens=text + steps, r=r if kept else 1.0, trim_first_layer_cache=first).total,
             inputs=fp["inputs"],
             transient=transient,
-            merge=merge_bytes(ref, dtype, text, kept, first),
+            merge=merge_bytes(ref, dtype, kept),
         )
         batch = full.largest_batch(budget)
         row = {"variant": res["variant"], "kept_fraction": r, "footprint": asdict(full), "batch": batch}
