@@ -36,7 +36,7 @@ import torch
 import crosstrim
 from crosstrim.evaluation import UserError, checkpoint, distributed, sources
 from crosstrim.evaluation.dataset import Item
-from crosstrim.evaluation.inference import batches, encode
+from crosstrim.evaluation.inference import answer_texts, batches, encode, greedy
 from crosstrim.evaluation.sweep import Setting, wilson_interval
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -102,16 +102,9 @@ def _answer(model, processor, inputs, max_new_tokens: int) -> tuple[list[str], t
     """Greedy texts of a batch and the raw logits of its first generated token ``(B, V)``."""
     with torch.no_grad():
         out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=processor.tokenizer.pad_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
+            **inputs, **greedy(processor, max_new_tokens), output_logits=True, return_dict_in_generate=True
         )
-    texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [t.strip() for t in texts], out.logits[0]
+    return answer_texts(processor, out.sequences, inputs), out.logits[0]
 
 
 def answer_requests(

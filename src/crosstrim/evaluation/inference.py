@@ -45,6 +45,24 @@ def encode(processor, items: Sequence[Item], device: torch.device | str) -> dict
     return encoded.to(device)
 
 
+def greedy(processor, max_new_tokens: int) -> dict:
+    """The ``generate`` settings every tool answers with: greedy, one beam, the processor's pad id, so
+    eval, calibrate and batch give the same answer to the same request."""
+    return {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "num_beams": 1,
+        "pad_token_id": processor.tokenizer.pad_token_id,
+    }
+
+
+def answer_texts(processor, sequences: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[str]:
+    """The generated part of every row of ``sequences`` (prompt + new tokens), decoded without special
+    tokens and stripped."""
+    texts = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [text.strip() for text in texts]
+
+
 def predict(
     model,
     processor,
@@ -66,24 +84,18 @@ def predict(
         for batch in batches(items, batch_size):
             inputs = encode(processor, batch, model.device)
             with torch.no_grad():
-                tokens = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=processor.tokenizer.pad_token_id,
-                )
-            texts = processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                tokens = model.generate(**inputs, **greedy(processor, max_new_tokens))
+            texts = answer_texts(processor, tokens, inputs)
             stats = handle.stats if handle is not None else None
             for row, (item, text) in enumerate(zip(batch, texts)):
                 if stats is None:
-                    predictions.append(Prediction(item.id, text.strip()))
+                    predictions.append(Prediction(item.id, text))
                     continue
                 full, kept = stats.sample_kv_bytes(row)
                 predictions.append(
                     Prediction(
                         item.id,
-                        text.strip(),
+                        text,
                         kept=stats.kept_counts[row],
                         valid=stats.valid_counts[row],
                         kv_bytes_full=full,

@@ -37,7 +37,7 @@ from crosstrim import memory
 from crosstrim.config import TrimConfig
 from crosstrim.evaluation import UserError, checkpoint, options
 from crosstrim.evaluation.dataset import Item
-from crosstrim.evaluation.inference import encode
+from crosstrim.evaluation.inference import answer_texts, encode, greedy
 from crosstrim.evaluation.options import progress_bar
 from crosstrim.testbed import load_model
 
@@ -319,15 +319,9 @@ def answer(model, processor, handle, requests: list[Request], images: list[tuple
     items = [Item(str(r.id), pictures, r.prompt, "", "") for r, pictures in zip(requests, images)]
     inputs = encode(processor, items, "cpu")  # crosstrim.generate moves each prefill slice to the model
     tokens = crosstrim.generate(
-        model,
-        prefill_batch_size=args.prefill_batch_size,
-        **inputs,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=processor.tokenizer.pad_token_id,
+        model, prefill_batch_size=args.prefill_batch_size, **inputs, **greedy(processor, args.max_new_tokens)
     )
-    texts = processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    texts = answer_texts(processor, tokens, inputs)
     stats = handle.stats
     rows = []
     for b, (request, text) in enumerate(zip(requests, texts)):
@@ -335,7 +329,7 @@ def answer(model, processor, handle, requests: list[Request], images: list[tuple
         rows.append(
             {
                 "id": request.id,
-                "answer": text.strip(),
+                "answer": text,
                 "kept": stats.kept_counts[b],
                 "valid": stats.valid_counts[b],
                 "kv_bytes_full": full,

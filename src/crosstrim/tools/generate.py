@@ -8,6 +8,7 @@ import torch
 
 import crosstrim
 from crosstrim.evaluation import UserError, checkpoint, options
+from crosstrim.evaluation.inference import answer_texts, greedy
 from crosstrim.testbed import load_model
 
 # Why ratio 1.0 keeps 100% yet saves no cache, while 0.999 saves the padding tiles' share.
@@ -31,8 +32,8 @@ def register(subparsers) -> None:
 def answer(model, processor, inputs, max_new_tokens: int) -> str:
     """Greedy answer text (new tokens only, special tokens dropped)."""
     with torch.no_grad():
-        tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        tokens = model.generate(**inputs, **greedy(processor, max_new_tokens))
+    return answer_texts(processor, tokens, inputs)[0]
 
 
 def run(args: argparse.Namespace) -> int:
