@@ -135,13 +135,17 @@ def render(rows: list[dict], columns: str) -> str:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Prefill, decode step and decode ratio (measured o, predicted x) vs batch; one line style per text length."""
-    import matplotlib
+    from crosstrim.plots import style  # matplotlib loads only when a figure is drawn
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with style.figure(path, dpi=80, figsize=(14, 4.3)) as fig:
+        _draw(fig.subplots(1, 3), rows)
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout()
+
+
+def _draw(axes, rows: list[dict]) -> None:
     from matplotlib.ticker import NullLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
     for t, text in enumerate(sorted({r["text"] for r in rows})):
         for v, name in enumerate(dict.fromkeys(r["variant"] for r in rows)):
             sel = [r for r in rows if r["text"] == text and r["variant"] == name]
@@ -159,10 +163,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.xaxis.set_minor_locator(NullLocator())
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 # -- the run ----------------------------------------------------------------------------------------------
@@ -392,21 +392,17 @@ def print_capacity(budget: list[dict], composed, mm, ref, args, vision) -> None:
 
 def plot_capacity(budget: list[dict], path: Path, title: str) -> None:
     """Largest batch (predicted, measured) and decode tokens/s at it, per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from crosstrim.plots import style  # matplotlib loads only when a figure is drawn
 
     names, xs = [r["variant"] for r in budget], range(len(budget))
-    fig, (ax_b, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_b.bar([x - 0.2 for x in xs], [r["predicted"] for r in budget], width=0.4, label="predicted")
-    ax_b.bar([x + 0.2 for x in xs], [r["measured"] for r in budget], width=0.4, label="measured")
-    ax_t.bar(xs, [r.get("tok_s", 0) for r in budget], color="C2")
-    for ax, label in ((ax_b, "largest batch within the budget"), (ax_t, "decode tokens/s at the measured batch")):
-        ax.set_xticks(list(xs), names, fontsize=8)
-        ax.set_ylabel(label)
-    ax_b.legend(fontsize=8)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    with style.figure(path, dpi=80, figsize=(11, 4)) as fig:
+        ax_b, ax_t = fig.subplots(1, 2)
+        ax_b.bar([x - 0.2 for x in xs], [r["predicted"] for r in budget], width=0.4, label="predicted")
+        ax_b.bar([x + 0.2 for x in xs], [r["measured"] for r in budget], width=0.4, label="measured")
+        ax_t.bar(xs, [r.get("tok_s", 0) for r in budget], color="C2")
+        for ax, label in ((ax_b, "largest batch within the budget"), (ax_t, "decode tokens/s at the measured batch")):
+            ax.set_xticks(list(xs), names, fontsize=8)
+            ax.set_ylabel(label)
+        ax_b.legend(fontsize=8)
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout()

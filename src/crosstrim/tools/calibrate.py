@@ -60,47 +60,42 @@ def verdict(cal: calibration.Calibration) -> str:
 
 
 def plot(cal: calibration.Calibration, path: Path, title: str) -> None:
-    """Agreement (with its interval) and first-token TV against kept fraction, one line per family."""
-    import matplotlib
+    """Agreement (with its interval) and first-token TV against kept fraction, one series per family (plain and
+    ``+summary`` told apart by marker fill and line style, so single points differ too), the target line and the
+    recommended setting marked -- or, when none qualified, a note saying so."""
+    from crosstrim.plots import style  # matplotlib loads only when a figure is drawn
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    families = list(dict.fromkeys(r.family for r in cal.results))
-    bases = list(dict.fromkeys(f.removesuffix(" +summary") for f in families))
-    for family in families:
-        rows = sorted((r for r in cal.results if r.family == family), key=lambda r: r.kept_fraction)
-        style = {
-            "color": f"C{bases.index(family.removesuffix(' +summary'))}",
-            "linestyle": "--" if family.endswith(" +summary") else "-",
-            "marker": "o",
-            "label": family,
-        }
-        kept = [r.kept_fraction for r in rows]
-        errors = [[r.agreement - r.agreement_low for r in rows], [r.agreement_high - r.agreement for r in rows]]
-        left.errorbar(kept, [r.agreement for r in rows], yerr=errors, capsize=2, **style)
-        right.plot(kept, [r.total_variation for r in rows], **style)
-    marks = [left.axhline(cal.target, color="black", linestyle=":", linewidth=1, label=f"target {cal.target:.0%}")]
-    if cal.recommended is not None:
-        r = cal.recommended
-        marks += left.plot(
-            [r.kept_fraction], [r.agreement], marker="*", markersize=16, color="gold", markeredgecolor="black",
-            linestyle="none", label=f"recommended: {r.label}",
-        )  # fmt: skip
-    left.legend(handles=marks, fontsize=7, loc="lower right")
-    left.set_ylabel("agreement with the full model (95% CI)")
-    right.set_ylabel("first answer token: mean total variation")
-    for ax in (left, right):
-        ax.set_xlabel("kept fraction of image tokens")
-        ax.set_xlim(0, 1.02)
-        ax.grid(alpha=0.3)
-    left.set_ylim(0, 1.02)
-    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    styles = style.family_styles(list(dict.fromkeys(r.family for r in cal.results)))
+    with style.figure(path, figsize=(10, 3.8)) as fig:
+        left, right = fig.subplots(1, 2)
+        for family, line in styles.items():
+            rows = sorted((r for r in cal.results if r.family == family), key=lambda r: r.kept_fraction)
+            kept = [r.kept_fraction for r in rows]
+            errors = [[r.agreement - r.agreement_low for r in rows], [r.agreement_high - r.agreement for r in rows]]
+            left.errorbar(kept, [r.agreement for r in rows], yerr=errors, capsize=2, **line)
+            right.plot(kept, [r.total_variation for r in rows], **line)
+        left.axhline(cal.target, color="black", linestyle=":", linewidth=1, label=f"target {cal.target:.0%}")
+        if cal.recommended is not None:
+            r = cal.recommended
+            left.plot(
+                [r.kept_fraction], [r.agreement], marker="*", markersize=16, color="gold", markeredgecolor="black",
+                linestyle="none", label=f"recommended: {r.label}",
+            )  # fmt: skip
+        else:
+            left.text(
+                0.5, 0.04, f"no setting qualified: none has a 95% lower bound >= {cal.target:.0%}",
+                transform=left.transAxes, ha="center", fontsize=8, bbox={"facecolor": "white", "edgecolor": "black"},
+            )  # fmt: skip
+        left.set_ylabel("agreement with the full model (95% CI)")
+        right.set_ylabel("first answer token: mean total variation")
+        for ax in (left, right):
+            ax.set_xlabel("kept fraction of image tokens")
+            ax.set_xlim(0, 1.02)
+        left.set_ylim(0, 1.02)
+        handles, labels = left.get_legend_handles_labels()
+        right.legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle(title)
+        fig.tight_layout()
 
 
 # Testbed questions calibrated on without --limit (a --data file is used whole).

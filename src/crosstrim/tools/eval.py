@@ -149,16 +149,20 @@ def kept_by_category(results: list[dict]) -> str:
 def plot(results: list[dict], path: Path, title: str, headline: str | None = None) -> None:
     """Accuracy against mean kept fraction, one line per method family, one panel per category; with
     ``headline`` (an official metric), that metric of every run in a single panel instead."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from crosstrim.plots import style  # matplotlib loads only when a figure is drawn
 
     categories = list(results[0]["per_category"])
     panels = ["all"] + (categories if 1 < len(categories) <= 4 and headline is None else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     families = [f for f in dict.fromkeys(r["family"] for r in results) if f not in ("full", "one token")]
-    for ax, panel in zip(axes[0], panels):
+    styles = style.family_styles(families)
+    with style.figure(path, figsize=(4.2 * len(panels), 3.8)) as fig:
+        _draw(fig.subplots(1, len(panels), squeeze=False)[0], panels, results, styles, headline)
+        fig.suptitle(title)
+        fig.tight_layout()
+
+
+def _draw(axes, panels: list[str], results: list[dict], styles: dict[str, dict], headline: str | None) -> None:
+    for ax, panel in zip(axes, panels):
 
         def acc(r, panel=panel):
             if headline is not None:
@@ -168,15 +172,9 @@ def plot(results: list[dict], path: Path, title: str, headline: str | None = Non
         def kept(r, panel=panel):
             return r["kept_fraction"] if panel == "all" else r["per_category"][panel]["kept_fraction"]
 
-        bases = list(dict.fromkeys(f.removesuffix(" +summary") for f in families))
-        for family in families:
+        for family, line in styles.items():
             rows = sorted((r for r in results if r["family"] == family), key=kept)
-            summary = family.endswith(" +summary")  # drawn dashed, in its selection's colour
-            style = {
-                "color": f"C{bases.index(family.removesuffix(' +summary'))}",
-                "linestyle": "--" if summary else "-",
-            }
-            ax.plot([kept(r) for r in rows], [acc(r) for r in rows], marker="o", label=family, **style)
+            ax.plot([kept(r) for r in rows], [acc(r) for r in rows], **line)
         for r in results:
             if r["family"] == "full":
                 ax.axhline(acc(r), color="black", linestyle="--", linewidth=1, label="full")
@@ -187,13 +185,8 @@ def plot(results: list[dict], path: Path, title: str, headline: str | None = Non
         ax.set_xlim(0, 1.02)
         # Official metrics are percentages or, for MME, points (up to 2000): scaled to the values.
         ax.set_ylim(0, 1.02 if headline is None else 1.05 * max([acc(r) for r in results] + [1.0]))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy" if headline is None else f"{headline} (official metric)")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    axes[0].set_ylabel("accuracy" if headline is None else f"{headline} (official metric)")
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
 
 
 def register(subparsers) -> None:

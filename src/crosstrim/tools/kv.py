@@ -166,14 +166,18 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from crosstrim.plots import style  # matplotlib loads only when a figure is drawn
 
     keep = list(result["cross_kv_bytes_per_image_kept"])
     name = result["model"] or "model"
-    fig, (ax_b, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    path = out / f"kv-{name}-{result['dtype']}.png"
+    with style.figure(path, dpi=90, figsize=(11, 4.2)) as fig:
+        _draw(fig, result, keep, name)
+    return [path]
+
+
+def _draw(fig, result: dict, keep: list[str], name: str) -> None:
+    ax_b, ax_t = fig.subplots(1, 2)
     batch = [row["batch"] for row in result["vs_batch"]]
     name_b, size_b = unit_for(row["self"] + row["cross_full"] for row in result["vs_batch"])
     ax_b.plot(batch, [r["self"] / size_b for r in result["vs_batch"]], "k-o", label="self-attn KV")
@@ -205,10 +209,6 @@ def plot(result: dict, out: Path) -> list[Path]:
     ax_t.legend(fontsize=7)
     fig.suptitle(f"{name} {result['dtype']}: KV cache per {result['images']} image(s); dotted = crossover", fontsize=10)
     fig.tight_layout()
-    path = out / f"kv-{name}-{result['dtype']}.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return [path]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
 """``crosstrim viz``: where the cross-attention layers look and what trimming keeps (the paper's Fig. 4).
 
 One PNG: (a) the first cross-attention layer's attention, summed over heads and over the text rows
-that may see the image, laid over the image tiles; (b) the tokens the chosen selection keeps; (c)
-the same aggregate for every cross-attention layer of the *untrimmed* model, each titled with how
-many of its top tokens the first layer also ranks on top -- the paper's observation that the same
-tokens stay important across layers is what makes selecting once, at the first layer, sound.
+that may see the image, over the image tiles; (b) the tokens the chosen selection keeps; (c) the same
+aggregate for every *later* cross-attention layer of the untrimmed model, each titled with how many of
+its most-attended tokens the first layer also ranks on top -- the paper's observation that the same
+tokens stay important across layers is what makes selecting once, at the first layer, sound. The
+drawing itself is :mod:`crosstrim.plots.attention`, shared with ``crosstrim demo``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-import crosstrim
 from crosstrim import method
 from crosstrim.config import TrimConfig
 from crosstrim.evaluation import UserError, checkpoint, options
@@ -86,56 +85,7 @@ def cross_attention(model, inputs: dict[str, torch.Tensor], first: FirstLayerSco
     return Attention(layers, scores, first.valid[0].cpu())
 
 
-@dataclass(frozen=True)
-class Canvas:
-    """The first image as the model saw it (tiles re-assembled), and where each image token lies on it."""
-
-    pixels: np.ndarray  # (H, W, 3) float in [0, 1]
-    boxes: dict[int, tuple[int, int, int]]  # token index -> (top, left, size) in pixels
-    cls_tokens: tuple[int, ...]
-    tile: int  # tile side in pixels, to draw the tile borders
-
-
-def canvas(model, processor, inputs: dict[str, torch.Tensor]) -> Canvas:
-    vision = model.config.vision_config
-    ratio_id = int(inputs["aspect_ratio_ids"][0, 0])
-    tile_rows, tile_cols = vision.supported_aspect_ratios[ratio_id - 1]
-    size, patch = vision.image_size, vision.patch_size
-    grid = size // patch
-    per_tile = grid * grid + 1
-    mean = np.asarray(processor.image_processor.image_mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(processor.image_processor.image_std, dtype=np.float32)[:, None, None]
-    tiles = inputs["pixel_values"][0, 0].float().cpu().numpy() * std + mean
-    pixels = np.zeros((tile_rows * size, tile_cols * size, 3), dtype=np.float32)
-    boxes, cls_tokens = {}, []
-    for tile in range(tile_rows * tile_cols):
-        top, left = (tile // tile_cols) * size, (tile % tile_cols) * size
-        pixels[top : top + size, left : left + size] = tiles[tile].transpose(1, 2, 0)
-        cls_tokens.append(tile * per_tile)
-        for p in range(grid * grid):
-            boxes[tile * per_tile + 1 + p] = (top + (p // grid) * patch, left + (p % grid) * patch, patch)
-    return Canvas(np.clip(pixels, 0, 1), boxes, tuple(cls_tokens), size)
-
-
-def _heat(ax, view: Canvas, scores: torch.Tensor, title: str) -> None:
-    heat = np.zeros(view.pixels.shape[:2], dtype=np.float32)
-    for token, (top, left, size) in view.boxes.items():
-        heat[top : top + size, left : left + size] = float(scores[token])
-    total = float(scores.sum()) or 1.0
-    cls_share = sum(float(scores[t]) for t in view.cls_tokens) / total
-    ax.imshow(view.pixels, interpolation="nearest")
-    ax.imshow(heat, cmap="magma", alpha=0.55, interpolation="nearest", vmin=0, vmax=float(heat.max()) or 1.0)
-    ax.set_title(f"{title}\n(CLS tokens: {cls_share:.0%} of attention)", fontsize=8)
-    _tile_borders(ax, view)
-
-
-def _tile_borders(ax, view: Canvas) -> None:
-    height, width = view.pixels.shape[:2]
-    for x in range(view.tile, width, view.tile):
-        ax.axvline(x - 0.5, color="white", linewidth=1.2)
-    for y in range(view.tile, height, view.tile):
-        ax.axhline(y - 0.5, color="white", linewidth=1.2)
-    ax.axis("off")
+TOP = 0.25  # panel (c) compares each layer's top quarter of valid tokens with the first layer's
 
 
 def overlap(first: torch.Tensor, other: torch.Tensor, valid: torch.Tensor, fraction: float = 0.25) -> float:
@@ -146,83 +96,65 @@ def overlap(first: torch.Tensor, other: torch.Tensor, valid: torch.Tensor, fract
 
 
 def figure(item: Item, model, processor, config: TrimConfig, path: Path) -> dict:
-    """Draw the three panels for ``item`` and save them to ``path``; returns what the figure shows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    """Draw the panels for ``item`` and save them to ``path``; returns what the figure shows."""
+    from crosstrim.plots import attention, style  # matplotlib loads only when a figure is drawn
 
     inputs = dict(encode(processor, [item], model.device))
-    with crosstrim.trimmed(model, config) as handle, torch.no_grad():
-        handle.record_scores = True
-        model(**inputs, use_cache=False)
-    stats = handle.stats
-    attention = cross_attention(model, inputs, handle.scores)
-    view = canvas(model, processor, inputs)
+    first, stats = attention.record(model, inputs, config)
+    per_layer = cross_attention(model, inputs, first)
+    view = attention.canvas(model, processor, inputs)
     kept = {int(i) for i in stats.kept_indices[0]}
     full_answer = predict(model, processor, [item], None)[0].text
     trimmed_answer = predict(model, processor, [item], config)[0].text
 
-    layers = attention.layers
-    cols = max(2, min(len(layers), 4))
-    rows = 1 + math.ceil(len(layers) / cols)
+    # Row 1: the first layer, what it kept, the numbers. Row 2 on: every *later* layer of the untrimmed model.
+    later = per_layer.layers[1:]
+    cols = max(3, min(len(later), 4))
+    rows = 1 + -(-len(later) // cols)
     height, width = view.pixels.shape[:2]
-    scale = 3.2 / max(height, width) * max(1.0, width / height)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.4, rows * max(2.2, 3.2 * height / width / scale * scale)))
-    axes = np.atleast_2d(axes)
-    for ax in axes.flat:
-        ax.axis("off")
-    first = attention.scores[layers[0]]
-    _heat(axes[0][0], view, first, f"(a) layer {layers[0]} (first cross-attn): attention")
-    ax = axes[0][1]
-    ax.imshow(view.pixels * 0.3 + 0.7 * 0.15, interpolation="nearest")
-    for token, (top, left, size) in view.boxes.items():
-        if token in kept:
-            ax.imshow(
-                view.pixels[top : top + size, left : left + size],
-                extent=(left - 0.5, left + size - 0.5, top + size - 0.5, top - 0.5),
-                interpolation="nearest",
-            )
-            ax.add_patch(Rectangle((left - 0.5, top - 0.5), size, size, fill=False, edgecolor="lime", linewidth=0.8))
-    ax.set_xlim(-0.5, width - 0.5)
-    ax.set_ylim(height - 0.5, -0.5)
-    _tile_borders(ax, view)
-    cls_kept = sum(t in kept for t in view.cls_tokens)
-    ax.set_title(
-        f"(b) kept by {config.describe()}: {stats.kept_counts[0]}/{stats.valid_counts[0]} tokens"
-        f" ({stats.kept_fraction[0]:.0%}, {cls_kept} CLS)",
-        fontsize=8,
-    )
-    if cols > 2:
+    panel = 2.6 * min(1.3, max(0.45, height / width))  # image height in inches at 2.6 in wide, bounded
+    first_scores = per_layer.scores[per_layer.layers[0]]
+    valid = int(per_layer.valid.sum())
+    top = max(1, math.ceil(TOP * valid))
+    overlaps = {}
+    with style.figure(path, dpi=130, figsize=(cols * 3.5, rows * (panel + 1.0)), layout="constrained") as fig:
+        axes = fig.subplots(rows, cols, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        attention.attention_panel(
+            axes[0][0], view, first_scores, f"(a) layer {per_layer.layers[0]}, the first cross-attention layer:\n"
+            "where it looks (what trimming scores)",
+        )  # fmt: skip
+        attention.kept_panel(
+            axes[0][1], view, kept, summarized=config.summarize_dropped,
+            title=f"(b) kept by {config.describe()} for the later layers:\n"
+            f"{stats.kept_counts[0]} of {stats.valid_counts[0]} tokens ({stats.kept_fraction[0]:.0%})",
+        )  # fmt: skip
         per_tile = len(view.boxes) // len(view.cls_tokens) + 1
         counts = [sum(start <= t < start + per_tile for t in kept) for start in view.cls_tokens]
         full_kv, kept_kv = stats.sample_kv_bytes(0)
         lines = [
-            f"{len(view.cls_tokens)} tile(s) x {per_tile} tokens (1 CLS + {per_tile - 1} patches)",
+            f"question: {item.prompt}",
+            f"right answer: {item.answer or '?'}",
+            f"full model: {full_answer!r}",
+            f"{config.describe()}: {trimmed_answer!r}",
+            "",
+            f"{len(view.cls_tokens)} tile(s) x {per_tile} tokens",
+            f"  (1 CLS + {per_tile - 1} patches each)",
             f"kept per tile: {', '.join(map(str, counts))}",
             f"cross-attn KV: {full_kv / 1024:.1f} KiB -> {kept_kv / 1024:.1f} KiB",
-            f"(first cross layer keeps all {stats.image_tokens} tokens;",
-            f" later layers see {stats.kept_counts[0]})",
+            f"(the first cross layer keeps all {stats.image_tokens}",
+            f" tokens; later layers see {stats.kept_counts[0]})",
         ]
         axes[0][2].text(0.0, 0.5, "\n".join(lines), fontsize=8, va="center", family="monospace")
-    overlaps = {}
-    for i, idx in enumerate(layers):
-        overlaps[idx] = overlap(first, attention.scores[idx], attention.valid)
-        _heat(
-            axes[1 + i // cols][i % cols],
-            view,
-            attention.scores[idx],
-            f"(c) layer {idx}: top-25% shared with first {overlaps[idx]:.0%}",
-        )
-    fig.suptitle(
-        f"{item.prompt}   answer: {item.answer or '?'}   full: {full_answer!r}   trimmed: {trimmed_answer!r}",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+        for i, idx in enumerate(later):
+            overlaps[idx] = overlap(first_scores, per_layer.scores[idx], per_layer.valid, TOP)
+            shared = round(overlaps[idx] * top)
+            attention.attention_panel(
+                axes[1 + i // cols][i % cols], view, per_layer.scores[idx],
+                f"(c) layer {idx}, cross-attention layer {i + 2} (untrimmed model):\n"
+                f"{shared} of its {top} most-attended tokens are also\nthe first layer's {top} most-attended",
+            )  # fmt: skip
     return {
         "kept": stats.kept_counts[0],
         "valid": stats.valid_counts[0],
