@@ -133,12 +133,11 @@ def figure(item: Item, model, processor, config: TrimConfig, path: Path) -> dict
         per_tile = len(view.boxes) // len(view.cls_tokens) + 1
         counts = [sum(start <= t < start + per_tile for t in kept) for start in view.cls_tokens]
         full_kv, kept_kv = stats.sample_kv_bytes(0)
+        fig.suptitle(
+            f"{item.prompt}   right answer: {item.answer or '?'}   full model: {full_answer!r}   "
+            f"{config.describe()}: {trimmed_answer!r}"
+        )
         lines = [
-            f"question: {item.prompt}",
-            f"right answer: {item.answer or '?'}",
-            f"full model: {full_answer!r}",
-            f"{config.describe()}: {trimmed_answer!r}",
-            "",
             f"{len(view.cls_tokens)} tile(s) x {per_tile} tokens",
             f"  (1 CLS + {per_tile - 1} patches each)",
             f"kept per tile: {', '.join(map(str, counts))}",
