@@ -87,6 +87,15 @@ def test_no_module_selects_a_backend_or_uses_pyplot_and_no_tool_imports_another(
                 assert not [n for n in names if n.startswith("crosstrim.tools")], f"{path.name} imports a tool: {names}"
 
 
+def test_plots_import_nothing_above_the_trimming_library():
+    for path in sorted((SRC / "plots").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                above = ("evaluation", "testbed", "integrations", "tools", "cli", "bench")
+                assert not [n for n in names if n and n.split(".")[:2] in [["crosstrim", a] for a in above]], path
+
+
 def test_family_styles_tell_plain_from_summary_by_marker_and_line():
     styles = style.family_styles(["trimmed (k_ratio)", "trimmed (k_ratio) +summary", "mean (keep_ratio)"])
     plain, summary, mean = styles.values()
