@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import LinearSegmentedColormap, Normalize
+from matplotlib.colors import LinearSegmentedColormap, PowerNorm
 from matplotlib.patches import Patch, Rectangle
 
 import crosstrim
 from crosstrim.config import TrimConfig
 from crosstrim.stats import FirstLayerScores, TrimStats
 
-DIM = 0.6  # opacity of black over a token the layer gives no attention: clearly darker, hue still readable
+DIM = 0.7  # opacity of black over a token the layer gives no attention: clearly darker, hue still readable
 KEPT = "#00a0ff"  # outline of kept tokens: a hue no testbed object has
 DROPPED = 0.6  # opacity of black over a dropped token
 SUMMARY = "#ff8c00"  # hatching of dropped tokens that summarize_dropped averages into one token
@@ -77,19 +77,21 @@ def attention_panel(ax: Axes, view: Canvas, scores: torch.Tensor, title: str) ->
 
     ``scores`` is ``(N,)``: attention summed over heads and text rows. Each patch shows its share of the total
     (CLS tokens included); the most-attended patch is left as it is, a patch with none is covered by black at
-    opacity :data:`DIM`.
+    opacity :data:`DIM`, on a square-root scale.
     """
     shares = scores.float() / (float(scores.sum()) or 1.0) * 100
-    top = max(float(shares[token]) for token in view.boxes) or 1.0
+    # Square-root scale: a token with half the top share is dimmed little (its colour stays readable), while
+    # the background, a few percent of the top, is still clearly darker.
+    norm = PowerNorm(0.5, vmin=0, vmax=max(float(shares[token]) for token in view.boxes) or 1.0)
     shade = np.zeros((*view.pixels.shape[:2], 4), dtype=np.float32)
     for token, (row, col, size) in view.boxes.items():
-        shade[row : row + size, col : col + size, 3] = DIM * (1 - float(shares[token]) / top)
+        shade[row : row + size, col : col + size, 3] = DIM * (1 - float(norm(float(shares[token]))))
     ax.imshow(view.pixels)
     ax.imshow(shade)
     _tile_borders(ax, view)
     # The scale shows what a white pixel looks like under each share, so it reads like the image.
     scale = LinearSegmentedColormap.from_list("dim", [(1 - DIM,) * 3, (1.0, 1.0, 1.0)])
-    bar = ax.figure.colorbar(ScalarMappable(Normalize(0, top), scale), ax=ax, fraction=0.05, pad=0.02, shrink=0.9)
+    bar = ax.figure.colorbar(ScalarMappable(norm, scale), ax=ax, fraction=0.05, pad=0.02, shrink=0.9)
     bar.set_label("% of the layer's attention per token\n(darker: less)", fontsize=7)
     bar.ax.tick_params(labelsize=7)
     ax.set_title(f"{title}\nCLS tokens (not drawn): {cls_share(view, scores):.0%}", fontsize=8)
