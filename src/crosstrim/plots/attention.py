@@ -67,7 +67,7 @@ def record(model, inputs: dict[str, torch.Tensor], config: TrimConfig) -> tuple[
     return handle.scores, handle.stats
 
 
-def cls_share(view: Canvas, scores: torch.Tensor) -> float:
+def _cls_share(view: Canvas, scores: torch.Tensor) -> float:
     """Share of the attention that goes to the tiles' CLS tokens, which have no place on the image."""
     return sum(float(scores[t]) for t in view.cls_tokens) / (float(scores.sum()) or 1.0)
 
@@ -94,12 +94,12 @@ def attention_panel(ax: Axes, view: Canvas, scores: torch.Tensor, title: str) ->
     bar = ax.figure.colorbar(ScalarMappable(norm, scale), ax=ax, fraction=0.05, pad=0.02, shrink=0.9)
     bar.set_label("% of the layer's attention per token\n(darker: less)", fontsize=7)
     bar.ax.tick_params(labelsize=7)
-    ax.set_title(f"{title}\nCLS tokens (not drawn): {cls_share(view, scores):.0%}", fontsize=8)
+    ax.set_title(f"{title}\nCLS tokens (not drawn): {_cls_share(view, scores):.0%}", fontsize=8)
 
 
 def kept_panel(ax: Axes, view: Canvas, kept: set[int], *, summarized: bool, title: str) -> None:
     """The image with kept tokens outlined and dropped ones covered; with ``summarized`` the dropped ones are
-    hatched instead, as later layers still see them averaged into one summary token."""
+    also hatched, as later layers still see them averaged into one summary token."""
     ax.imshow(view.pixels)
     dropped = [box for token, box in view.boxes.items() if token not in kept]
     for row, col, size in dropped:
