@@ -47,23 +47,25 @@ def figure(path: str | Path, *, dpi: int = 120, **kwargs) -> Iterator[Figure]:
         fig.savefig(path, dpi=dpi)
 
 
-def family_styles(families: Sequence[str]) -> dict[str, dict]:
-    """Line style per sweep family (``trimmed (k_ratio)``, ``mean (keep_ratio)`` ...), for ``Axes.plot``.
+def family_styles(families: Sequence[object]) -> dict[object, dict]:
+    """Line style per sweep family (``trimmed (k_ratio)``, ``mean (keep_ratio)`` ...; its ``str()`` is the
+    label), for ``Axes.plot``.
 
     A selection keeps one colour and one marker; its ``+summary`` twin is dashed with a hollow marker. The
     marker carries the difference when a family has a single point and no line shows.
     """
-    bases = list(dict.fromkeys(f.removesuffix(SUMMARY) for f in families))
+    names = [str(f) for f in families]
+    bases = list(dict.fromkeys(name.removesuffix(SUMMARY) for name in names))
     styles = {}
-    for family in families:
-        base = bases.index(family.removesuffix(SUMMARY))
-        summary = family.endswith(SUMMARY)
+    for family, name in zip(families, names):
+        base = bases.index(name.removesuffix(SUMMARY))
+        summary = name.endswith(SUMMARY)
         styles[family] = {
             "color": f"C{base % 10}",
             "marker": MARKERS[base % len(MARKERS)],
             "linestyle": "--" if summary else "-",
             "markerfacecolor": "white" if summary else f"C{base % 10}",
             "markersize": 7 if summary else 6,
-            "label": family,
+            "label": name,
         }
     return styles
