@@ -7,7 +7,8 @@ import torch
 from support import GENERATE_MODE_IDS, GENERATE_MODES, inputs, text_model
 
 import crosstrim
-from crosstrim import memory, tiny
+from crosstrim import tiny
+from crosstrim.engine import memory
 
 # Three samples, so a prefill batch of 2 splits them unevenly (2 + 1): two images (2 + 1 tiles, so
 # padding tiles); one 4-tile image (left padded, an empty image slot); two 1-tile images after text.
@@ -214,7 +215,7 @@ def test_untrimmed_layers_are_merged_in_place_and_each_micro_batch_released():
     tensors are dropped as soon as they are copied: the prefill never holds such a layer twice."""
     from types import SimpleNamespace
 
-    from crosstrim.generation import _CacheMerger
+    from crosstrim.engine.generation import _CacheMerger
 
     def cache(rows, seed):
         torch.manual_seed(seed)

@@ -16,7 +16,9 @@ from support import (
 )
 
 import crosstrim
-from crosstrim import memory, method, tiny
+from crosstrim import core as method
+from crosstrim import tiny
+from crosstrim.engine import memory
 
 # Three samples: two images (2 + 1 tiles, so padding tiles); one 4-tile image (left padded, so a
 # padding image slot too); two 1-tile images after text, whose rows before the first image

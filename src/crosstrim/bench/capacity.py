@@ -21,7 +21,7 @@ The prediction, :class:`Footprint`, in bytes::
   running a batch of N alone;
 * ``merge``: the trimmed layers' micro-batch caches, whose widths differ, are joined layer by layer at the
   end, so one trimmed layer's keys (or values) of the whole batch exist twice for a moment; the layers
-  every micro-batch shares are filled in place (:class:`crosstrim.generation._CacheMerger`).
+  every micro-batch shares are filled in place (the cache merger of :mod:`crosstrim.engine.generation`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 import crosstrim
-from crosstrim import memory
 from crosstrim.bench.measure import Clock, add_timers, cache_argument, peak, pixel_inputs, reset_peak
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
 
 GB = 1e9
 

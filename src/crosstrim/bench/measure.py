@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 import crosstrim
-from crosstrim import memory
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
 
 # -- the model and its inputs ----------------------------------------------------------------------------
 

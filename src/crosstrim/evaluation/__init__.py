@@ -8,7 +8,7 @@ evaluation (:class:`~crosstrim.evaluation.dataset.Item`), batched greedy answeri
 their official metrics in :mod:`~crosstrim.evaluation.vlmeval_metrics`), and the command-line
 options every tool spells the same way (:mod:`~crosstrim.evaluation.options`).
 
-It builds on the method and its integration (:mod:`crosstrim.mllama`) and imports nothing above
+It builds on the method and its integration (:mod:`crosstrim.engine`) and imports nothing above
 it: :mod:`crosstrim.testbed`, :mod:`crosstrim.integrations` and :mod:`crosstrim.tools` import it.
 """
 

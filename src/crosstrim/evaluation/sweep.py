@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 # The TrimConfig field each sweep flag sets, so a bad value is an error naming the flag.

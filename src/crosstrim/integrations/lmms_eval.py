@@ -49,7 +49,7 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from crosstrim.config import METHODS, TrimConfig
+from crosstrim.core import TrimConfig, method_names
 from crosstrim.evaluation import checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import Prediction, predict
@@ -100,8 +100,8 @@ def trim_config(
         if k_ratio is not None or keep_ratio is not None:
             raise ValueError(f"method={method} runs the untrimmed model; drop k_ratio/keep_ratio")
         return None
-    if method not in METHODS:  # this adapter's method also takes "full", which TrimConfig does not
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*METHODS, 'full'))}")
+    if method not in method_names():  # this adapter's method also takes "full", which TrimConfig does not
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*method_names(), 'full'))}")
     options = {
         "method": method,
         "k_ratio": k_ratio,

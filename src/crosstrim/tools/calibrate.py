@@ -13,8 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, calibration, distributed, options, run_setup, versions
-from crosstrim.evaluation.options import progress_bar
+from crosstrim.cli import options
+from crosstrim.cli.options import progress_bar
+from crosstrim.evaluation import UserError, calibration, distributed, run_setup, versions
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
 

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, distributed, options, run_setup, sources, sweep, versions, vlmeval_tsv
+from crosstrim.cli import options
+from crosstrim.cli.options import progress_bar
+from crosstrim.evaluation import UserError, distributed, run_setup, sources, sweep, versions, vlmeval_tsv
 from crosstrim.evaluation.inference import Prediction
-from crosstrim.evaluation.options import progress_bar
 from crosstrim.evaluation.sweep import Setting
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model

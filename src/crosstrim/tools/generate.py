@@ -7,7 +7,8 @@ import argparse
 import torch
 
 import crosstrim
-from crosstrim.evaluation import UserError, checkpoint, options
+from crosstrim.cli import options
+from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.inference import answer_texts, greedy
 from crosstrim.testbed import load_model
 

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 import crosstrim
-from crosstrim import method
-from crosstrim.config import TrimConfig
-from crosstrim.evaluation import UserError, checkpoint, options
+from crosstrim import core as method
+from crosstrim.cli import options
+from crosstrim.core import TrimConfig
+from crosstrim.engine.stats import FirstLayerScores
+from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import encode, predict
-from crosstrim.stats import FirstLayerScores
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
 
@@ -44,7 +45,7 @@ def cross_attention(model, inputs: dict[str, torch.Tensor], first: FirstLayerSco
     ``TrimHandle.record_scores``): that layer attends every image token, trimmed or not. The later
     layers, which the method never scores, are scored here the same way: their own
     ``q_norm``/``k_norm`` outputs in one untrimmed prefill (sdpa, no eager attention needed), with
-    :func:`crosstrim.method.attention_scores` over the same scoring rows.
+    :func:`crosstrim.core.attention_scores` over the same scoring rows.
     """
     text = model.model.language_model
     layers = tuple(sorted(int(i) for i in text.config.cross_attention_layers))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from crosstrim.config import METHODS, TrimConfig
+from crosstrim.core import TrimConfig, method_names
 from crosstrim.evaluation import UserError
 from crosstrim.evaluation.sweep import Setting, plan
 
@@ -37,7 +37,7 @@ def add_trim_arguments(parser: argparse.ArgumentParser) -> None:
     """The trimming flags; their values stay strings for :meth:`TrimConfig.from_options`, the one option parser
     (so ``--k-ratio abc`` is an error naming ``--k-ratio``, as every other bad value is)."""
     group = parser.add_argument_group("trimming")
-    group.add_argument("--method", default="trimmed", choices=METHODS, help="selection rule (default: trimmed)")
+    group.add_argument("--method", default="trimmed", choices=method_names(), help="selection rule (default: trimmed)")
     budget = group.add_mutually_exclusive_group()
     budget.add_argument("--k-ratio", help="per-head top-k ratio, adaptive kept count (default 0.25)")
     budget.add_argument("--keep-ratio", help="exact kept fraction per image")
