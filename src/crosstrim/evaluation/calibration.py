@@ -158,7 +158,7 @@ def summarise(records: Sequence[RequestRecord], settings: Sequence[Setting], tar
         results.append(
             SettingResult(
                 label=setting.label,
-                family=setting.family,
+                family=str(setting.family),
                 config=asdict(setting.config),
                 items=len(records),
                 agree=agree,
