@@ -30,19 +30,21 @@ import torch
 
 from crosstrim.core.methods import kept_tokens
 
-DTYPE_BYTES = {
-    "float32": 4,
-    "fp32": 4,
-    "float": 4,
-    "bfloat16": 2,
-    "bf16": 2,
-    "float16": 2,
-    "fp16": 2,
-    "half": 2,
-    "float8": 1,
-    "fp8": 1,
-    "int8": 1,
+# Every dtype name crosstrim accepts (case-insensitive), for model loading and byte counts alike.
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float": torch.float32,
+    "half": torch.float16,
+    "float8": torch.float8_e4m3fn,
+    "fp8": torch.float8_e4m3fn,
+    "int8": torch.int8,
 }
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 def element_size(dtype: str | torch.dtype | int) -> int:
@@ -386,6 +388,7 @@ def preset(name: str) -> MemoryModel:
 
 
 __all__ = [
+    "DTYPES",
     "DTYPE_BYTES",
     "PRESETS",
     "KVBytes",

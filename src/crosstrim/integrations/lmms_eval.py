@@ -36,7 +36,6 @@ Local lmms-eval tasks made from crosstrim items are written by :mod:`crosstrim.i
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -50,7 +49,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 from crosstrim.core import TrimConfig, method_names
-from crosstrim.evaluation import checkpoint
+from crosstrim.evaluation import checkpoint, distributed
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import Prediction, predict
 from crosstrim.integrations import LMMS_EVAL_MODEL
@@ -180,9 +179,7 @@ class LlamaVisionTrimmed(lmms):
         self.max_new_tokens = int(max_new_tokens)
         if self.batch_size_per_process < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be at least 1")
-        self._rank = int(os.environ.get("RANK", 0))
-        self._world_size = int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self._rank, self._world_size, local_rank = distributed.from_environment()
         if device_map and self._world_size > 1:
             raise ValueError("device_map spreads one model over the GPUs; launch one process, not several")
         self._model, self.processor = self._load(str(pretrained), device, dtype, device_map, local_rank)

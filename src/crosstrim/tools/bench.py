@@ -40,7 +40,7 @@ from crosstrim.bench.vision import time_vision
 from crosstrim.cli.options import fractions, ints, table
 from crosstrim.core import TrimConfig
 from crosstrim.engine import memory
-from crosstrim.evaluation import UserError, checkpoint
+from crosstrim.evaluation import UserError, checkpoint, versions
 
 GB, MB = 1e9, 1e6
 
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(model.dtype),
         "weights_bytes": weights,
         "decode_weight_bytes": w,
-        "versions": {m.__name__: m.__version__ for m in (crosstrim, torch, __import__("transformers"))},
+        "versions": versions(),
         "machine": machine,
         "adaptive_kept_fraction": adaptive,
         "summary": rows,
