@@ -34,13 +34,12 @@ from pathlib import Path
 
 import crosstrim
 from crosstrim.cli import options
-from crosstrim.cli.options import progress_bar
+from crosstrim.cli.options import load_model, progress_bar
 from crosstrim.core import TrimConfig
 from crosstrim.engine import memory
 from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import answer_texts, encode, greedy
-from crosstrim.testbed import load_model
 
 GB = 1e9
 DEFAULT_BATCH = 8

@@ -14,10 +14,9 @@ import json
 from pathlib import Path
 
 from crosstrim.cli import options
-from crosstrim.cli.options import progress_bar
+from crosstrim.cli.options import load_model, progress_bar
 from crosstrim.evaluation import UserError, calibration, distributed, run_setup, versions
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
 
 
 def to_json(record: dict) -> str:

@@ -19,13 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from crosstrim.cli import options
-from crosstrim.cli.options import progress_bar
+from crosstrim.cli.options import load_model, progress_bar
 from crosstrim.core import method_names
 from crosstrim.evaluation import UserError, distributed, run_setup, sources, sweep, versions, vlmeval_tsv
 from crosstrim.evaluation.inference import Prediction
 from crosstrim.evaluation.sweep import Family, Setting
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
 
 # "Later layers see one token": the budget that keeps a single token per image (1e-4 * N < 1 for
 # N <= 10,000 image tokens, i.e. any Llama-3.2-Vision input). It measures how much the model needs

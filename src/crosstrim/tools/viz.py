@@ -20,6 +20,7 @@ import torch
 import crosstrim
 from crosstrim.adapters import adapter_for
 from crosstrim.cli import options
+from crosstrim.cli.options import load_model
 from crosstrim.core import TrimConfig
 from crosstrim.engine.scores import cross_attention_scores
 from crosstrim.engine.stats import FirstLayerScores
@@ -27,7 +28,6 @@ from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import encode, predict
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
 
 
 @dataclass(frozen=True)
