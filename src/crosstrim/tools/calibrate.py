@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     title = f"{model_name} on {data_name}, {len(items)} requests, target {args.target:.0%}"
     report = f"{title}\n\n{table(cal)}\n\n{verdict(cal)}\n"
     (out / "calibration.md").write_text(report)
-    setup = run_setup(model, model_name, data_name, len(items), args, processes)
+    setup = run_setup(model, model_name, data_name, len(items), args.batch_size, args.max_new_tokens, processes)
     record = {"setup": setup, "versions": versions(), **cal.to_json()}
     (out / "calibration.json").write_text(to_json(record))
     plot(cal, out / "calibration.png", title)

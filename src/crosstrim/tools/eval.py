@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         report += f"\nKept fraction per category (trimmed, k_ratio):\n\n{adaptive}\n"
     (out / "results.md").write_text(report)
     setup = {
-        **run_setup(model, model_name, data_name, len(items), args, processes),
+        **run_setup(model, model_name, data_name, len(items), args.batch_size, args.max_new_tokens, processes),
         "headline": data.headline,
         "benchmark": data.benchmark,
         "limit": args.limit,
