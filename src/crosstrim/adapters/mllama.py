@@ -35,6 +35,12 @@ def check_layout(text: nn.Module, layers: list[int]) -> None:
         raise drift("the first cross-attention layer has no numeric `cross_attn.scaling`")
 
 
+def tokens_per_tile(image_size: int, patch_size: int) -> int:
+    """Image tokens of one tile: its patches plus one CLS token (1601 for 560 px / patch 14); always derived
+    from the config, never assumed (the config default 448 px gives 1025)."""
+    return (image_size // patch_size) ** 2 + 1
+
+
 class MllamaAdapter(ModelAdapter):
     """transformers' ``MllamaForConditionalGeneration`` / ``MllamaModel``: the decoder is the one
     ``MllamaTextModel`` inside (``model.model.language_model`` from 4.52 on), its cross layers are
@@ -86,11 +92,11 @@ class MllamaAdapter(ModelAdapter):
 
     def image_slot_tokens(self, model: nn.Module) -> int:
         vision = model.config.vision_config
-        return vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+        return vision.max_num_tiles * tokens_per_tile(vision.image_size, vision.patch_size)
 
     def kv_shape(self, decoder: nn.Module) -> tuple[int, int]:
         text = decoder.config
         return text.num_key_value_heads, text.hidden_size // text.num_attention_heads
 
 
-__all__ = ["MllamaAdapter", "check_layout"]
+__all__ = ["MllamaAdapter", "check_layout", "tokens_per_tile"]

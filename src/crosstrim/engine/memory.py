@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from crosstrim.adapters.mllama import tokens_per_tile
 from crosstrim.core.methods import kept_tokens
 
 # Every dtype name crosstrim accepts (case-insensitive), for model loading and byte counts alike.
@@ -152,7 +153,7 @@ class MemoryModel:
     @property
     def tokens_per_tile(self) -> int:
         """Patches of one tile plus its CLS token (1601 for 560 px / patch 14)."""
-        return (self.image_size // self.patch_size) ** 2 + 1
+        return tokens_per_tile(self.image_size, self.patch_size)
 
     @property
     def image_tokens(self) -> int:

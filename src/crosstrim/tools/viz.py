@@ -19,6 +19,7 @@ import torch
 
 import crosstrim
 from crosstrim.adapters import adapter_for
+from crosstrim.adapters.mllama import tokens_per_tile
 from crosstrim.cli import options
 from crosstrim.cli.options import load_model
 from crosstrim.core import TrimConfig
@@ -73,7 +74,7 @@ def canvas(model, processor, inputs: dict[str, torch.Tensor]) -> Canvas:
     tile_rows, tile_cols = vision.supported_aspect_ratios[ratio_id - 1]
     size, patch = vision.image_size, vision.patch_size
     grid = size // patch
-    per_tile = grid * grid + 1
+    per_tile = tokens_per_tile(size, patch)
     mean = np.asarray(processor.image_processor.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(processor.image_processor.image_std, dtype=np.float32)[:, None, None]
     tiles = inputs["pixel_values"][0, 0].float().cpu().numpy() * std + mean
