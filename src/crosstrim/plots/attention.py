@@ -18,8 +18,9 @@ from matplotlib.colors import LinearSegmentedColormap, PowerNorm
 from matplotlib.patches import Patch, Rectangle
 
 import crosstrim
-from crosstrim.config import TrimConfig
-from crosstrim.stats import FirstLayerScores, TrimStats
+from crosstrim.adapters.mllama import tokens_per_tile
+from crosstrim.core import TrimConfig
+from crosstrim.engine.stats import FirstLayerScores, TrimStats
 
 DIM = 0.7  # opacity of black over a token the layer gives no attention: clearly darker, hue still readable
 KEPT = "#00a0ff"  # outline of kept tokens: a hue no testbed object has
@@ -44,7 +45,7 @@ def canvas(model, processor, inputs: dict[str, torch.Tensor]) -> Canvas:
     tile_rows, tile_cols = vision.supported_aspect_ratios[ratio_id - 1]
     size, patch = vision.image_size, vision.patch_size
     grid = size // patch
-    per_tile = grid * grid + 1
+    per_tile = tokens_per_tile(size, patch)
     mean = np.asarray(processor.image_processor.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(processor.image_processor.image_std, dtype=np.float32)[:, None, None]
     tiles = inputs["pixel_values"][0, 0].float().cpu().numpy() * std + mean

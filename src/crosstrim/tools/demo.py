@@ -12,12 +12,13 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from crosstrim.config import TrimConfig
-from crosstrim.evaluation import UserError, options, sources
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model
+from crosstrim.core import TrimConfig
+from crosstrim.evaluation import UserError, sources
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import Prediction, encode, predict
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
 
 
 def register(subparsers) -> None:
