@@ -1,7 +1,7 @@
 """``crosstrim viz``: where the cross-attention layers look and what trimming keeps (the paper's Fig. 4).
 
 One PNG: (a) the first cross-attention layer's attention, summed over heads and over the text rows
-that may see the image, over the image tiles; (b) the tokens the chosen selection keeps; (c) the same
+that may see the image, over the image tiles; (b) the tokens the chosen selection keeps; (c), (d), ... the same
 aggregate for every *later* cross-attention layer of the untrimmed model, each titled with how many of
 its most-attended tokens the first layer also ranks on top -- the paper's observation that the same
 tokens stay important across layers is what makes selecting once, at the first layer, sound. The
@@ -122,7 +122,7 @@ def figure(item: Item, model, processor, config: TrimConfig, path: Path) -> dict
             shared = round(overlaps[idx] * top)
             attention.attention_panel(
                 axes[1 + i // cols][i % cols], view, per_layer.scores[idx],
-                f"(c) layer {idx}, cross-attention layer {i + 2} (untrimmed model):\n"
+                f"({chr(ord('c') + i)}) layer {idx}, cross-attention layer {i + 2} (untrimmed model):\n"
                 f"{shared} of its {top} most-attended tokens are also\nthe first layer's {top} most-attended",
             )  # fmt: skip
     return {
