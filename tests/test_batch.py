@@ -99,8 +99,13 @@ def test_an_interrupted_run_resumes_without_answering_twice_or_losing_any(
         return real_answer(*args, **kwargs)
 
     monkeypatch.setattr(batch_tool, "answer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    # Ctrl-C: one line saying what is kept and how to go on, exit 130 (128 + SIGINT), no traceback.
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"crosstrim batch: interrupted; 2 of 5 requests are answered in {out}; "
+        "run the same command again to answer the rest"
+    )
     assert [r["id"] for r in read(out)] == ["r0", "r1"]  # the first batch was written when it finished
     monkeypatch.setattr(batch_tool, "answer", real_answer)
 

@@ -90,6 +90,8 @@ def load_image(path: str | Path):
         raise UserError(f"image {str(path)!r} does not exist") from err
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"cannot read image {str(path)!r}: not a decodable image file") from err
+    except Image.DecompressionBombError as err:
+        raise UserError(f"cannot read image {str(path)!r}: {err}; downscale it") from err
 
 
 def format_prompt(processor, prompt: str, n_images: int) -> str:
