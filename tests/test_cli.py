@@ -56,7 +56,7 @@ def test_generate_summarize_dropped_and_its_one_conflict(capsys, checkpoint_dir,
         (["--k-ratio", "abc"], "--k-ratio must be a number, got 'abc'"),
         (["--seed", "1.5"], "--seed must be a whole number, got '1.5'"),
         (["--method", "random"], "--method='random' needs --keep-ratio"),
-        (["--prompt", "<|image|> <|image|> two ?"], "2 <|image|> tokens but 1 images"),
+        (["--prompt", "<|image|> <|image|> two ?"], "2 <|image|> tokens but 1 image was given"),
         (["--device", "cuda:7"], "CUDA is not available"),
     ],
 )

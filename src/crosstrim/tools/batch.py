@@ -50,8 +50,10 @@ DEFAULT_BATCH = 8
 
 @dataclass(frozen=True)
 class Request:
-    """One row of the requests file: where it is (for messages), its id, image files and prompt."""
+    """One row of the requests file: where it is (file name and line, for messages), its id, image files
+    and prompt."""
 
+    file: str
     line: int
     id: object
     images: tuple[Path, ...]
@@ -59,7 +61,7 @@ class Request:
 
     @property
     def where(self) -> str:
-        return f"line {self.line} (id {self.id!r})"
+        return f"{self.file} line {self.line} (id {self.id!r})"
 
 
 @dataclass(frozen=True)
@@ -391,7 +393,7 @@ def _request(path: Path, number: int, line: str) -> Request:
     for file in files:
         if not file.is_file():
             raise ValueError(f"image {str(file)!r} does not exist")
-    return Request(number, record["id"], files, record["prompt"])
+    return Request(path.name, number, record["id"], files, record["prompt"])
 
 
 def read_answers(path: Path, known: set[str]) -> dict[str, dict]:
