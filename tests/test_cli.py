@@ -1,6 +1,8 @@
 """`crosstrim generate` end to end on a tiny checkpoint the test saves (model + offline processor)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from support import image, needs_testbed_checkpoint, run_cli
@@ -197,3 +199,26 @@ def test_the_testbed_on_transformers_4_is_a_clear_error(capsys, monkeypatch, tmp
         capsys, "generate", "--image", tmp_path / "x.png", "--prompt", "what color is the circle ?"
     )  # fmt: skip
     assert code == 2 and "transformers 4.57.3 cannot read them; upgrade transformers or pass --model DIR" in err
+
+
+@needs_testbed_checkpoint
+def test_the_testbed_warns_about_words_it_does_not_know(capsys, image_file, checkpoint_dir):
+    common = ["generate", "--image", image_file, "--max-new-tokens", "1", "--device", "cpu"]
+    code, _, err = run_cli(capsys, *common, "--prompt", "What is shown?")
+    assert code == 0, err
+    assert "crosstrim generate: warning: the testbed does not know 'What', 'shown?' (each reads as <|unk|>)" in err
+    assert "crosstrim.testbed.data.vocabulary()" in err
+    code, _, err = run_cli(capsys, *common, "--prompt", "what color is the circle ?")
+    assert code == 0 and "warning" not in err, err
+    # A checkpoint of one's own has its own vocabulary: no warning.
+    code, _, err = run_cli(capsys, *common, "--prompt", "What is shown?", "--model", checkpoint_dir)
+    assert code == 0 and "warning" not in err, err
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    """`crosstrim kv | head`: the reader leaves before the output is written; no BrokenPipeError traceback."""
+    command = [sys.executable, "-c", "import sys; from crosstrim.cli import main; sys.exit(main())", "kv", "--no-plot"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    process.stdout.close()  # the reader is gone before the first line
+    err = process.stderr.read().decode()
+    assert process.wait() == 141 and err == ""

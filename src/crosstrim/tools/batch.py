@@ -42,7 +42,7 @@ from crosstrim.evaluation import UserError, checkpoint, options
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import GREEDY, answer_texts, encode, greedy
 from crosstrim.evaluation.options import progress_bar
-from crosstrim.testbed import CHECKPOINT, load_model
+from crosstrim.testbed import CHECKPOINT, load_model, prompt_warning, unknown_words
 
 GB = 1e9
 DEFAULT_BATCH = 8
@@ -261,6 +261,13 @@ def answer_all(args, config: TrimConfig, pending: list[Request], out: Path, tota
         f"{out}); batch {batch_size}, prefill {args.prefill_batch_size} at a time",
         file=sys.stderr,
     )
+    unknown = [r for r in pending if unknown_words(r.prompt)] if args.model is None else []
+    if unknown:
+        print(
+            f"crosstrim batch: warning: {len(unknown)} request{'s' if len(unknown) > 1 else ''} use words the "
+            f"testbed does not know; {unknown[0].where}: {prompt_warning(unknown[0].prompt)}",
+            file=sys.stderr,
+        )
     positions = model.config.text_config.max_position_embeddings
     with out.open("ab", buffering=0) as sink, progress_bar() as bar, crosstrim.trimmed(model, config) as handle:
         task = bar.add_task("answering", total=len(pending), note="")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import encode, predict
 from crosstrim.stats import FirstLayerScores
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
+from crosstrim.testbed import load_model, prompt_warning
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,9 @@ def run(args: argparse.Namespace) -> int:
     if not str(args.out).lower().endswith(".png"):
         raise UserError(f"--out must name a .png file, got {args.out!r}")
     model, processor, _ = load_model(args.model, args.device, args.dtype)
+    warning = prompt_warning(item.prompt) if args.model is None else None
+    if warning:
+        print(f"crosstrim viz: warning: {warning}", file=sys.stderr)
     shown = figure(item, model, processor, config, Path(args.out))
     print(f"{item.prompt} -> full: {shown['full']!r}, {config.describe()}: {shown['trimmed']!r}")
     print(f"kept {shown['kept']}/{shown['valid']} image tokens; wrote {args.out}")
