@@ -316,7 +316,9 @@ def test_a_resume_with_other_settings_is_refused_naming_the_difference(capsys, c
 
     code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--keep-ratio", "1")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "holds answers made with other settings (trimming k_ratio 0.05 -> None; trimming keep_ratio None -> 1.0)" in err
+    assert (
+        "holds answers made with other settings (trimming k_ratio 0.05 -> None; trimming keep_ratio None -> 1.0)" in err
+    )
     assert "answer into a new --out" in err
     code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--k-ratio", "0.05", "--max-new-tokens", "4")
     assert code == 2 and "generate max_new_tokens 3 -> 4" in err
@@ -398,7 +400,9 @@ def test_every_batch_is_on_disk_before_the_next_starts(capsys, checkpoint_dir, r
 
 
 @pytest.mark.parametrize("where", ["folder", "under a file", "unwritable folder", "unwritable file"])
-def test_out_problems_are_one_line_before_the_model_loads(capsys, checkpoint_dir, requests, tmp_path, monkeypatch, where):
+def test_out_problems_are_one_line_before_the_model_loads(
+    capsys, checkpoint_dir, requests, tmp_path, monkeypatch, where
+):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "readonly.jsonl").write_text("")
@@ -418,7 +422,9 @@ def test_out_problems_are_one_line_before_the_model_loads(capsys, checkpoint_dir
             return real_open(self, mode, *args, **kwargs)
 
         monkeypatch.setattr(Path, "open", refuse)
-    monkeypatch.setattr(batch_tool, "load_model", lambda *args: pytest.fail("the model loaded before --out was checked"))
+    monkeypatch.setattr(
+        batch_tool, "load_model", lambda *args: pytest.fail("the model loaded before --out was checked")
+    )
     code, _, err = run_batch(capsys, checkpoint_dir, requests, out)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -435,7 +441,11 @@ def test_a_file_size_limit_mid_write_keeps_the_answers_before(capsys, checkpoint
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"crosstrim batch: error: cannot write answers to '{out}': File too large")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"crosstrim batch: error: cannot write answers to '{out}': File too large")
+    )
     assert "the 2 answers before are kept" in err
     assert out.read_text().startswith("".join(line + "\n" for line in reference.read_text().splitlines()[:2]))
     code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
@@ -443,7 +453,9 @@ def test_a_file_size_limit_mid_write_keeps_the_answers_before(capsys, checkpoint
     assert read(out) == read(reference)
 
 
-def test_an_image_over_the_decompression_bomb_limit_is_a_bad_row(capsys, checkpoint_dir, requests, tmp_path, monkeypatch):
+def test_an_image_over_the_decompression_bomb_limit_is_a_bad_row(
+    capsys, checkpoint_dir, requests, tmp_path, monkeypatch
+):
     from PIL import Image
 
     Image.new("RGB", (200, 200)).save(tmp_path / "img" / "bomb.png")

@@ -222,3 +222,49 @@ def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
     process.stdout.close()  # the reader is gone before the first line
     err = process.stderr.read().decode()
     assert process.wait() == 141 and err == ""
+
+
+@pytest.mark.parametrize(
+    ("command", "old", "new", "value"),
+    [
+        ("bench", "--keep", "keep_ratios", "0.5"),
+        ("bench", "--text", "text_tokens", "16"),
+        ("bench", "--prefill-batch", "prefill_batch_size", "2"),
+        ("kv", "--keep", "keep_ratios", "0.5"),
+    ],
+)
+def test_old_flag_spellings_still_work_for_a_release_with_a_notice(capsys, command, old, new, value):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="crosstrim")
+    subparsers = parser.add_subparsers(dest="command")
+    importlib.import_module(f"crosstrim.tools.{command}").register(subparsers)
+    args = parser.parse_args([command, old, value])
+    flag = "--" + new.replace("_", "-")
+    assert str(getattr(args, new)) == value
+    err = capsys.readouterr().err
+    assert err == f"crosstrim {command}: warning: {old} is deprecated and goes in the next release; use {flag}\n"
+    assert str(getattr(parser.parse_args([command, flag, value]), new)) == value and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    shown = capsys.readouterr().out
+    assert flag in shown and f"{old} " not in shown.replace(flag, "")
+
+
+def test_bench_picks_the_device_as_every_command_does():
+    import argparse
+
+    from crosstrim.tools import bench, generate
+
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    for tool in (bench, generate):
+        tool.register(subparsers)
+    assert [subparsers.choices[name].get_default("device") for name in ("bench", "generate")] == ["auto", "auto"]
+
+
+def test_kv_old_keep_spelling_prints_the_same_tables(capsys):
+    code, new, err = run_cli(capsys, "kv", "--no-plot", "--keep-ratios", "0.3")
+    assert code == 0 and err == ""
+    code, old, err = run_cli(capsys, "kv", "--no-plot", "--keep", "0.3")
+    assert code == 0 and old == new and "--keep is deprecated and goes in the next release; use --keep-ratios" in err

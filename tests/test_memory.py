@@ -146,7 +146,9 @@ def test_element_size_and_kept_tokens_validate():
 
 
 def test_kv_prints_tables_and_writes_plot_and_json(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "kv", "--preset", "11b", "--keep", "0.25", "--batch", "1,16", "--out", tmp_path)
+    code, out, err = run_cli(
+        capsys, "kv", "--preset", "11b", "--keep-ratios", "0.25", "--batch", "1,16", "--out", tmp_path
+    )
     assert code == 0, err
     assert "cross-attention KV per image:     209,846,272 B (209.8 MB)" in out
     assert "1,601 text tokens (full)" in out and "550 text tokens (r=0.25)" in out
@@ -169,7 +171,7 @@ def test_kv_reads_a_checkpoint_config_only(capsys, tmp_path, model):
     ("argv", "message"),
     [
         (["--preset", "7b"], "unknown preset '7b'"),
-        (["--keep", "1.5"], "fractions in (0, 1]"),
+        (["--keep-ratios", "1.5"], "--keep-ratios must be fractions in (0, 1]"),
         (["--batch", "0,2"], "--batch must be positive"),
         (["--lengths", "a"], "--lengths must be comma-separated integers"),
         (["--dtype", "int3"], "unknown dtype 'int3'"),

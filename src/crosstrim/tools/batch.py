@@ -154,7 +154,9 @@ def lock_output(stack: contextlib.ExitStack, out: Path, requests: Path) -> None:
     try:
         lock = stack.enter_context(lock_path.open("a"))
     except OSError as err:
-        raise UserError(f"cannot write in the folder of --out {str(out)!r} ({err.strerror}); pass another path") from err
+        raise UserError(
+            f"cannot write in the folder of --out {str(out)!r} ({err.strerror}); pass another path"
+        ) from err
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as err:
@@ -425,7 +427,9 @@ def read_answers(path: Path, known: set[str]) -> dict[str, dict]:
         elif tail:
             os.truncate(path, len(data) - len(tail))
             if tail.strip():
-                print(f"crosstrim batch: dropped an incomplete last line of {path}; answering it again", file=sys.stderr)
+                print(
+                    f"crosstrim batch: dropped an incomplete last line of {path}; answering it again", file=sys.stderr
+                )
     except OSError as err:
         raise UserError(f"cannot repair the last line of {str(path)!r} ({err.strerror}); its answers are kept") from err
     done: dict[str, dict] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from crosstrim import memory
 from crosstrim.evaluation import UserError
-from crosstrim.evaluation.options import fractions, ints, table
+from crosstrim.evaluation.options import add_renamed, fractions, ints, table
 
 # Decimal byte units, largest first: every table and plot picks the one that fits its largest number.
 UNITS = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))
@@ -36,7 +36,9 @@ def register(subparsers) -> None:
         default="auto",
         help="cache dtype: fp32/float32, bf16/bfloat16, fp16/float16, fp8 or auto (default: bf16, as on GPU)",
     )
-    parser.add_argument("--keep", default="0.5,0.25,0.1", help="kept fractions r to compare (default 0.5,0.25,0.1)")
+    parser.add_argument(
+        "--keep-ratios", default="0.5,0.25,0.1", help="kept fractions r to compare (default 0.5,0.25,0.1)"
+    )
     parser.add_argument("--batch", default="1,2,4,8,16,32,64", help="batch sizes of table (a)")
     parser.add_argument("--text-tokens", type=int, default=128, help="text length of table (a) (default 128)")
     parser.add_argument(
@@ -48,6 +50,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", default="runs/kv", metavar="DIR", help="where PNG + JSON go (default runs/kv)")
     parser.add_argument("--no-plot", action="store_true", help="print the tables only")
+    add_renamed(parser, "--keep", "--keep-ratios")
     parser.set_defaults(run=run)
 
 
@@ -218,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         memory.element_size(args.dtype)
     except ValueError as err:
         raise UserError(str(err)) from err
-    args.keep_values = fractions(args.keep)
+    args.keep_values = fractions(args.keep_ratios, "--keep-ratios")
     args.batch_values = ints(args.batch, "--batch")
     args.length_values = ints(args.lengths, "--lengths")
     if args.text_tokens < 0 or args.images < 1:
