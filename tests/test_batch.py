@@ -224,6 +224,13 @@ def test_memory_budget_picks_the_batch_the_memory_model_allows(capsys, checkpoin
 
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--memory-budget", "0.0001")
     assert code == 2 and "holds no request: weights" in err
+    # Numbers that explain: each in the unit that fits it, never rounded to zero (issue 19, item 12).
+    kv = mm.kv_bytes("float32", text_tokens=text_tokens, images=2).total
+    assert (
+        f"weights {memory.format_bytes(weights)} + one request's KV cache {memory.format_bytes(kv)} = "
+        f"{memory.format_bytes(weights + kv)}" in err
+    )
+    assert re.search(r"weights [1-9][\d.]* [KM]B \+ one request's KV cache [1-9][\d.]* [KM]B", err), err
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--memory-budget", "-1")
     assert code == 2 and "--memory-budget must be a positive number" in err
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--prefill-batch-size", "0")

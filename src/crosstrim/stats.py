@@ -70,11 +70,12 @@ class TrimStats:
         return sum(fractions) / len(fractions) if fractions else 1.0
 
     def summary(self) -> str:
-        mb = 1024 * 1024
+        from crosstrim.memory import format_bytes
+
         return (
             f"{self.method}: kept {self.mean_kept_fraction:.1%} of image tokens "
             f"(per sample {', '.join(f'{k}/{v}' for k, v in zip(self.kept_counts, self.valid_counts))}); "
-            f"cross-attn KV {self.kv_bytes_full / mb:.2f} MB -> {self.kv_bytes_kept / mb:.2f} MB"
+            f"cross-attn KV {format_bytes(self.kv_bytes_full)} -> {format_bytes(self.kv_bytes_kept)}"
         )
 
 

@@ -42,6 +42,7 @@ from crosstrim.evaluation import UserError, checkpoint, options
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import GREEDY, answer_texts, encode, greedy
 from crosstrim.evaluation.options import progress_bar
+from crosstrim.memory import format_bytes
 from crosstrim.testbed import CHECKPOINT, load_model, prompt_warning, unknown_words
 
 GB = 1e9
@@ -342,8 +343,8 @@ class Totals:
     def __str__(self) -> str:
         saved = 1 - self.kv_kept / self.kv_full if self.kv_full else 0.0
         return (
-            f"kept {self.kept_share:.1%} of image tokens; cross-attention KV {self.kv_full / 1e6:.2f} MB -> "
-            f"{self.kv_kept / 1e6:.2f} MB ({saved:.0%} saved; each request counted alone, no batch padding)"
+            f"kept {self.kept_share:.1%} of image tokens; cross-attention KV {format_bytes(self.kv_full)} -> "
+            f"{format_bytes(self.kv_kept)} ({saved:.0%} saved; each request counted alone, no batch padding)"
         )
 
 
@@ -498,13 +499,13 @@ def budget_batch_size(model, processor, requests: list[Request], config: TrimCon
     size = math.floor((budget - weights) / kv)
     if size < 1:
         raise UserError(
-            f"--memory-budget {args.memory_budget:g} GB holds no request: weights {weights / GB:.2f} GB + one "
-            f"request's KV cache {kv / GB:.3f} GB"
+            f"--memory-budget {args.memory_budget:g} GB holds no request: weights {format_bytes(weights)} + one "
+            f"request's KV cache {format_bytes(kv)} = {format_bytes(weights + kv)}"
         )
     assumed = "k_ratio planned as keeping every token; " if config.k_ratio is not None and ratio == 1.0 else ""
     plan = (
-        f"batch {size} from --memory-budget {args.memory_budget:g} GB: weights {weights / GB:.2f} GB + "
-        f"{size} x {kv / 1e6:.1f} MB KV per request ({text_tokens} text tokens, {images} image(s), "
+        f"batch {size} from --memory-budget {args.memory_budget:g} GB: weights {format_bytes(weights)} + "
+        f"{size} x {format_bytes(kv)} KV per request ({text_tokens} text tokens, {images} image(s), "
         f"{assumed}kept share {ratio:g})"
     )
     return size, plan

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from crosstrim.evaluation import UserError, calibration, distributed, options, run_setup, versions
 from crosstrim.evaluation.options import progress_bar
+from crosstrim.memory import format_bytes, unit_for
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
 
@@ -31,11 +32,13 @@ def table(cal: calibration.Calibration) -> str:
     head = ["setting", "kept (mean ± sd)", "cross-attn KV / request", "agreement [95% CI]", "first-token TV", "KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     full_kv = cal.results[0].kv_bytes_full if cal.results else 0
-    lines.append(f"| full | 100.0% | {full_kv / 1024:.1f} KiB | 100% (reference) | 0 | 0 |")
+    unit, size = unit_for([full_kv])  # one unit for the column: the full cache's, the largest
+    lines.append(f"| full | 100.0% | {full_kv / size:.4g} {unit} | 100% (reference) | 0 | 0 |")
     for r in cal.results:
         mark = " **(recommended)**" if cal.recommended is r else ""
         lines.append(
-            f"| {r.label}{mark} | {r.kept_fraction:.1%} ± {r.kept_fraction_std:.1%} | {r.kv_bytes_kept / 1024:.1f} KiB "
+            f"| {r.label}{mark} | {r.kept_fraction:.1%} ± {r.kept_fraction_std:.1%} "
+            f"| {r.kv_bytes_kept / size:.4g} {unit} "
             f"| {r.agreement:.1%} [{r.agreement_low:.1%}, {r.agreement_high:.1%}] ({r.agree}/{r.items}) "
             f"| {r.total_variation:.3f} | {r.kl:.3f} |"
         )
@@ -53,7 +56,7 @@ def verdict(cal: calibration.Calibration) -> str:
     r = cal.recommended
     return (
         f"Recommended: {r.label} -- keeps {r.kept_fraction:.1%} of image tokens, cross-attention KV "
-        f"{r.kv_bytes_kept / 1024:.1f} of {r.kv_bytes_full / 1024:.1f} KiB per request; agrees with the full model "
+        f"{format_bytes(r.kv_bytes_kept)} of {format_bytes(r.kv_bytes_full)} per request; agrees with the full model "
         f"on {r.agree}/{r.items} requests ({r.agreement:.1%}, 95% CI {r.agreement_low:.1%}-{r.agreement_high:.1%}, "
         f"lower bound >= target {cal.target:.0%})."
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from crosstrim.evaluation import UserError, options, sources
 from crosstrim.evaluation.inference import predict
+from crosstrim.memory import format_bytes
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model
 from crosstrim.tools import viz
@@ -51,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         f"\ncorrect: full {correct[0]}/{len(items)}, trimmed {correct[1]}/{len(items)}; same answer {same}/{len(items)}"
     )
     print(
-        f"kept {kept:.1%} of image tokens; cross-attention KV cache {kv_full / 1024:.1f} KiB -> "
-        f"{kv_kept / 1024:.1f} KiB ({1 - kv_kept / kv_full:.0%} saved; the first cross layer keeps all tokens)"
+        f"kept {kept:.1%} of image tokens; cross-attention KV cache {format_bytes(kv_full)} -> "
+        f"{format_bytes(kv_kept)} ({1 - kv_kept / kv_full:.0%} saved; the first cross layer keeps all tokens)"
     )
     path = Path(args.viz)
     viz.figure(items[1 % len(items)], model, processor, config, path)

@@ -9,21 +9,7 @@ from pathlib import Path
 from crosstrim import memory
 from crosstrim.evaluation import UserError
 from crosstrim.evaluation.options import add_renamed, fractions, ints, table
-
-# Decimal byte units, largest first: every table and plot picks the one that fits its largest number.
-UNITS = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))
-
-
-def unit_for(values) -> tuple[str, float]:
-    """The largest unit in which the largest of ``values`` (bytes) is at least 1, e.g. ``("MB", 1e6)``."""
-    largest = max(values, default=0)
-    return next(((name, size) for name, size in UNITS if largest >= size), UNITS[-1])
-
-
-def scaled(value: float) -> str:
-    """``value`` bytes in the unit that fits it, e.g. ``'52.2 KB'``."""
-    name, size = unit_for([value])
-    return f"{value / size:.4g} {name}"
+from crosstrim.memory import format_bytes, unit_for
 
 
 def register(subparsers) -> None:
@@ -130,10 +116,10 @@ def render(result: dict) -> str:
         f"{result['max_tiles']} tiles x {result['tokens_per_tile']} tokens per image slot.",
         f"self-attention KV per text token: {result['self_kv_bytes_per_text_token']:,} B",
         f"cross-attention KV per image:     {result['cross_kv_bytes_per_image']:,} B "
-        f"({scaled(result['cross_kv_bytes_per_image'])})",
+        f"({format_bytes(result['cross_kv_bytes_per_image'])})",
     ]
     for r, value in result["cross_kv_bytes_per_image_kept"].items():
-        lines.append(f"  kept fraction r={r} ({first} cross layers trimmed): {value:,} B ({scaled(value)})")
+        lines.append(f"  kept fraction r={r} ({first} cross layers trimmed): {value:,} B ({format_bytes(value)})")
     name, size = unit_for(row["self"] + row["cross_full"] for row in result["vs_batch"])
 
     def amount(value: float) -> str:  # in the unit of the table being built (size, reassigned per table)

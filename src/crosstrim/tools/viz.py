@@ -24,6 +24,7 @@ from crosstrim.config import TrimConfig
 from crosstrim.evaluation import UserError, checkpoint, options
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import encode, predict
+from crosstrim.memory import format_bytes
 from crosstrim.stats import FirstLayerScores
 from crosstrim.testbed import data as testbed_data
 from crosstrim.testbed import load_model, prompt_warning
@@ -202,7 +203,7 @@ def figure(item: Item, model, processor, config: TrimConfig, path: Path) -> dict
         lines = [
             f"{len(view.cls_tokens)} tile(s) x {per_tile} tokens (1 CLS + {per_tile - 1} patches)",
             f"kept per tile: {', '.join(map(str, counts))}",
-            f"cross-attn KV: {full_kv / 1024:.1f} KiB -> {kept_kv / 1024:.1f} KiB",
+            f"cross-attn KV: {format_bytes(full_kv)} -> {format_bytes(kept_kv)}",
             f"(first cross layer keeps all {stats.image_tokens} tokens;",
             f" later layers see {stats.kept_counts[0]})",
         ]
