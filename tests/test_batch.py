@@ -246,6 +246,12 @@ def test_without_model_it_answers_with_the_shipped_testbed(capsys, requests, tmp
     )  # fmt: skip
     assert code == 0, err
     assert "model: testbed; trimming: trimmed keep=0.5" in err
+    # Three prompts use words the testbed cannot read: one warning, naming the first and the vocabulary.
+    assert (
+        "crosstrim batch: warning: 3 requests use words the testbed does not know; requests.jsonl line 3 (id 'r2'): "
+        "the testbed does not know 'describe', 'it' (each reads as <|unk|>)" in err
+    )
+    assert "crosstrim.testbed.data.vocabulary()" in err
     assert [r["id"] for r in read(out)] == [f"r{i}" for i in range(5)] and "answered 5 of 5" in stdout
 
 

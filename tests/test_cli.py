@@ -269,3 +269,14 @@ def test_kv_old_keep_spelling_prints_the_same_tables(capsys):
     assert code == 0 and err == ""
     code, old, err = run_cli(capsys, "kv", "--no-plot", "--keep", "0.3")
     assert code == 0 and old == new and "--keep is deprecated and goes in the next release; use --keep-ratios" in err
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(capsys, monkeypatch):
+    from crosstrim.tools import kv
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kv, "run", interrupted)
+    code, _, err = run_cli(capsys, "kv", "--no-plot")
+    assert code == 130 and err == "crosstrim kv: interrupted\n"
