@@ -14,6 +14,10 @@ and answered again)::
 bytes are its cross-attention cache untrimmed and trimmed, run alone (no padding of any kind), so
 they do not depend on the batch the request came in.
 
+Beside ``--out`` (say ``answers.jsonl``) live ``answers.jsonl.settings.json``, what produced the answers
+(a resume with other settings would mix two runs' answers, so it is refused), and ``answers.jsonl.lock``,
+which the run holds so that a second run on the same output is refused instead of answering everything twice.
+
 With ``--memory-budget GB`` the batch size comes from the memory model (:mod:`crosstrim.memory`):
 the largest batch whose weights plus KV cache (the longest request's prompt plus
 ``--max-new-tokens``, the most images any request has, every tile) fit the budget. The prefill runs
