@@ -214,9 +214,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 def _digest(folder: Path) -> str:
     """A digest of a checkpoint folder: every file's name, the contents of the small ones (config,
-    generation config, tokenizer) and the size of the weight files (hashing gigabytes would take minutes)."""
+    generation config, tokenizer) and the size of the weight files (hashing gigabytes would take minutes).
+    Hidden files (a download tool's ``.cache``, locks) are left out: they change without the model changing."""
     digest = hashlib.sha256()
     files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
     for path in files:
         digest.update(str(path.relative_to(folder)).encode() + b"\0")
         if path.suffix in WEIGHT_SUFFIXES:
