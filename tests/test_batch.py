@@ -515,3 +515,19 @@ def test_the_memory_budget_plan_counts_the_summary_tokens(capsys, checkpoint_dir
     )  # fmt: skip
     assert code == 0, err
     assert int(re.search(r"batch (\d+) from --memory-budget", err).group(1)) == (budget - weights) // summarised == 3
+
+
+def test_a_resume_with_a_changed_model_folder_is_refused(capsys, checkpoint_dir, requests, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, model)
+    out = tmp_path / "answers.jsonl"
+    assert run_batch(capsys, model, requests, out, "--batch-size", "5")[0] == 0
+    (model / ".cache").mkdir()  # what a download tool leaves: not the model
+    (model / ".cache" / "x.lock").write_text("")
+    assert run_batch(capsys, model, requests, out)[0] == 0
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.5}))
+    code, _, err = run_batch(capsys, model, requests, out)
+    assert code == 2 and "holds answers made with other settings (model files " in err
