@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from crosstrim.evaluation import UserError, calibration, distributed, options, run_setup, versions
 from crosstrim.evaluation.options import progress_bar
 from crosstrim.memory import format_bytes, unit_for
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
+from crosstrim.testbed import load_model, prompt_warning
 
 
 def to_json(record: dict) -> str:
@@ -159,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
         if rank.world_size > 1:
             args.device = str(rank.device)
         model, processor, model_name = load_model(args.model, args.device, args.dtype)
+        warning = prompt_warning(args.prompt) if args.prompt and args.model is None else None
+        if warning and rank.is_main:
+            print(f"crosstrim calibrate: warning: {warning}", file=sys.stderr)
         with progress_bar() as bar:
             task = bar.add_task("calibrate", total=len(items) * (len(settings) + 1), note="", visible=rank.is_main)
             cal = calibration.calibrate(
