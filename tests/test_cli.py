@@ -280,3 +280,17 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(capsys, monkeypatch):
     monkeypatch.setattr(kv, "run", interrupted)
     code, _, err = run_cli(capsys, "kv", "--no-plot")
     assert code == 130 and err == "crosstrim kv: interrupted\n"
+
+
+def test_loading_a_checkpoint_leaves_transformers_progress_bars_as_the_caller_had_them(checkpoint_dir):
+    from transformers.utils import logging as hf_logging
+
+    from crosstrim.evaluation import checkpoint
+
+    try:
+        for enabled in (True, False):
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+            checkpoint.load(checkpoint_dir, "cpu")
+            assert hf_logging.is_progress_bar_enabled() is enabled
+    finally:
+        hf_logging.enable_progress_bar()

@@ -18,7 +18,7 @@ Beside ``--out`` (say ``answers.jsonl``) live ``answers.jsonl.settings.json``, w
 (a resume with other settings would mix two runs' answers, so it is refused), and ``answers.jsonl.lock``,
 which the run holds so that a second run on the same output is refused instead of answering everything twice.
 
-With ``--memory-budget GB`` the batch size comes from the memory model (:mod:`crosstrim.memory`):
+With ``--memory-budget GB`` the batch size comes from the memory model (:mod:`crosstrim.engine.memory`):
 the largest batch whose weights plus KV cache (the longest request's prompt plus
 ``--max-new-tokens``, the most images any request has, every tile) fit the budget. The prefill runs
 ``--prefill-batch-size`` requests at a time through :func:`crosstrim.generate`, so its activations
@@ -40,14 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import crosstrim
-from crosstrim import memory
-from crosstrim.config import TrimConfig
-from crosstrim.evaluation import UserError, checkpoint, options
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model, progress_bar
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
+from crosstrim.engine.memory import format_bytes
+from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import GREEDY, answer_texts, encode, greedy
-from crosstrim.evaluation.options import progress_bar
-from crosstrim.memory import format_bytes
-from crosstrim.testbed import CHECKPOINT, load_model, prompt_warning, unknown_words
+from crosstrim.testbed import CHECKPOINT, prompt_warning, unknown_words
 
 GB = 1e9
 DEFAULT_BATCH = 8

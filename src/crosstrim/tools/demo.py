@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, options, sources
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model
+from crosstrim.engine.memory import format_bytes
+from crosstrim.evaluation import UserError, sources
 from crosstrim.evaluation.inference import predict
-from crosstrim.memory import format_bytes
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
 from crosstrim.tools import viz
 
 

@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from crosstrim import memory
+from crosstrim.cli.options import add_renamed, fractions, ints, table
+from crosstrim.engine import memory
+from crosstrim.engine.memory import format_bytes, unit_for
 from crosstrim.evaluation import UserError
-from crosstrim.evaluation.options import add_renamed, fractions, ints, table
-from crosstrim.memory import format_bytes, unit_for
 
 
 def register(subparsers) -> None:
