@@ -133,17 +133,17 @@ def main() -> int:
 
     if args.smoke:  # the same commands at tiny dimensions, seconds each
         model = ["--dims", "tiny", "--layers", "4", "--device", "cpu", "--threads", "1"]
-        grid = ["--batch", "1,2", "--text", "8", "--decode-steps", "2", "--repeats", "1"]
-        budget = ["--memory-budget", "0.8", "--max-batch", "6", "--prefill-batch", "2"]
+        grid = ["--batch", "1,2", "--text-tokens", "8", "--decode-steps", "2", "--repeats", "1"]
+        budget = ["--memory-budget", "0.8", "--max-batch", "6", "--prefill-batch-size", "2"]
     else:
         model = ["--dims", "11b", "--layers", "40", "--vocab", "128256", "--device", "cuda", "--dtype", "bfloat16"]
-        grid = ["--batch", "1,2,4,8,16,32,64,128", "--text", "128", "--decode-steps", "16", "--repeats", "3"]
-        budget = ["--memory-budget", f"{args.budget:g}", "--max-batch", "1024", "--prefill-batch", "8"]
-    common = [*model, "--keep", "0.5,0.25,0.1", "--out", str(out)]
+        grid = ["--batch", "1,2,4,8,16,32,64,128", "--text-tokens", "128", "--decode-steps", "16", "--repeats", "3"]
+        budget = ["--memory-budget", f"{args.budget:g}", "--max-batch", "1024", "--prefill-batch-size", "8"]
+    common = [*model, "--keep-ratios", "0.5,0.25,0.1", "--out", str(out)]
     print("2/3 bench, latency grid", flush=True)
     bench([*common, *grid, "--k-ratio", "0.25", "--tag", "gpu-11b-L40"], out / "gpu-11b-L40.log", 240)
     print("3/3 bench, memory budget (micro-batched prefill, full vision encoder)", flush=True)
-    small = ["--batch", "1", "--text", "8" if args.smoke else "128", "--decode-steps", "8", "--repeats", "1"]
+    small = ["--batch", "1", "--text-tokens", "8" if args.smoke else "128", "--decode-steps", "8", "--repeats", "1"]
     vision = [] if args.smoke else ["--real-vision"]
     tag = ["--tag", "gpu-11b-L40-budget"]
     bench([*common, *small, *budget, *vision, "--k-ratio", "0.25", *tag], out / "gpu-11b-L40-budget.log", 270)

@@ -1,8 +1,14 @@
 """`crosstrim batch` on a tiny checkpoint: answers, resume after an interruption, bad rows, memory budget."""
 
+import errno
 import json
 import math
+import os
 import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,8 +105,13 @@ def test_an_interrupted_run_resumes_without_answering_twice_or_losing_any(
         return real_answer(*args, **kwargs)
 
     monkeypatch.setattr(batch_tool, "answer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    # Ctrl-C: one line saying what is kept and how to go on, exit 130 (128 + SIGINT), no traceback.
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"crosstrim batch: interrupted; 2 of 5 requests are answered in {out}; "
+        "run the same command again to answer the rest"
+    )
     assert [r["id"] for r in read(out)] == ["r0", "r1"]  # the first batch was written when it finished
     monkeypatch.setattr(batch_tool, "answer", real_answer)
 
@@ -157,7 +168,8 @@ def test_bad_rows_name_the_row_and_exit_2_or_are_skipped(capsys, checkpoint_dir,
         "requests.jsonl line 4: not JSON",
         "requests.jsonl line 5: image",
         "line 6 (id 'broken'): cannot read image",
-        "line 7 (id 'two-tokens'): the prompt has 2 <|image|> tokens but 1 images",
+        "requests.jsonl line 6 (id 'broken'): cannot read image",  # every message names the file
+        "line 7 (id 'two-tokens'): the prompt has 2 <|image|> tokens but 1 image was given",
     ]:
         assert message in err
 
@@ -212,6 +224,13 @@ def test_memory_budget_picks_the_batch_the_memory_model_allows(capsys, checkpoin
 
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--memory-budget", "0.0001")
     assert code == 2 and "holds no request: weights" in err
+    # Numbers that explain: each in the unit that fits it, never rounded to zero (issue 19, item 12).
+    kv = mm.kv_bytes("float32", text_tokens=text_tokens, images=2).total
+    assert (
+        f"weights {memory.format_bytes(weights)} + one request's KV cache {memory.format_bytes(kv)} = "
+        f"{memory.format_bytes(weights + kv)}" in err
+    )
+    assert re.search(r"weights [1-9][\d.]* [KM]B \+ one request's KV cache [1-9][\d.]* [KM]B", err), err
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--memory-budget", "-1")
     assert code == 2 and "--memory-budget must be a positive number" in err
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--prefill-batch-size", "0")
@@ -227,4 +246,288 @@ def test_without_model_it_answers_with_the_shipped_testbed(capsys, requests, tmp
     )  # fmt: skip
     assert code == 0, err
     assert "model: testbed; trimming: trimmed keep=0.5" in err
+    # Three prompts use words the testbed cannot read: one warning, naming the first and the vocabulary.
+    assert (
+        "crosstrim batch: warning: 3 requests use words the testbed does not know; requests.jsonl line 3 (id 'r2'): "
+        "the testbed does not know 'describe', 'it' (each reads as <|unk|>)" in err
+    )
+    assert "crosstrim.testbed.data.vocabulary()" in err
     assert [r["id"] for r in read(out)] == [f"r{i}" for i in range(5)] and "answered 5 of 5" in stdout
+
+
+# -- issue 19: never mixes, duplicates or loses answers ------------------------------------------------
+
+
+def answered(checkpoint_dir, requests, out, capsys, *extra):
+    """Run to the end and return the answer rows (a reference to compare a resumed run with)."""
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2", *extra)
+    assert code == 0, err
+    return read(out)
+
+
+def resume_from(reference, out, lines: int, *, newline: bool = True):
+    """``out`` as a run that stopped after ``lines`` answers of ``reference`` left it (settings included)."""
+    text = "".join(line + "\n" for line in reference.read_text().splitlines()[:lines])
+    out.write_text(text if newline else text[:-1])
+    settings = reference.with_name(reference.name + ".settings.json")
+    out.with_name(out.name + ".settings.json").write_text(settings.read_text())
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_another_holds_it(capsys, checkpoint_dir, requests, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    lock = tmp_path / "answers.jsonl.lock"
+    holder = subprocess.Popen(  # another process holding the lock, as a running `crosstrim batch` does
+        [sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_batch(capsys, checkpoint_dir, requests, out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"another crosstrim batch is writing '{out}' (it holds '{lock}')" in err
+    assert not out.exists()  # refused before anything was written
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out)  # the lock went with its process
+    assert code == 0, err
+    assert [r["id"] for r in read(out)] == [f"r{i}" for i in range(5)]
+
+
+HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"  # noqa: E501
+
+
+@pytest.mark.parametrize("twin", ["r0", 0])
+def test_an_id_answered_twice_is_refused(capsys, checkpoint_dir, requests, tmp_path, twin):
+    """Two runs that both wrote into one file (before the lock existed) leave ids twice: refuse to count them.
+    An integer id and its string are one id (JSON answers round-trip through text)."""
+    if twin == 0:
+        write(requests, [{**row, "id": i} for i, row in enumerate(read(requests))])
+    reference = tmp_path / "reference.jsonl"
+    rows = answered(checkpoint_dir, requests, reference, capsys)
+    out = tmp_path / "answers.jsonl"
+    resume_from(reference, out, 2)
+    with out.open("a") as sink:
+        sink.write(json.dumps({**rows[0], "id": "0" if twin == 0 else "r0"}) + "\n")
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out)
+    assert code == 2 and f"line 3 answers id {'0' if twin == 0 else 'r0'!r} again" in err
+
+
+def test_ids_7_and_the_string_7_are_one_id(capsys, checkpoint_dir, requests, tmp_path):
+    row = read(requests)[0]
+    write(requests, [{**row, "id": 7}, {**row, "id": "7"}])
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "answers.jsonl")
+    assert code == 2 and "line 2: id '7' repeats line 1; ids must be unique" in err
+
+
+def test_a_resume_with_other_settings_is_refused_naming_the_difference(capsys, checkpoint_dir, requests, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    first = answered(checkpoint_dir, requests, out, capsys, "--k-ratio", "0.05")
+    settings = json.loads((tmp_path / "answers.jsonl.settings.json").read_text())
+    assert settings["model"] == str(checkpoint_dir.resolve()) and settings["dtype"] == "float32"
+    assert settings["trimming"]["k_ratio"] == 0.05 and settings["generate"]["max_new_tokens"] == 3
+    assert settings["crosstrim"] == crosstrim.__version__ and len(settings["model files"]) == 16
+
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--keep-ratio", "1")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert (
+        "holds answers made with other settings (trimming k_ratio 0.05 -> None; trimming keep_ratio None -> 1.0)" in err
+    )
+    assert "answer into a new --out" in err
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--k-ratio", "0.05", "--max-new-tokens", "4")
+    assert code == 2 and "generate max_new_tokens 3 -> 4" in err
+    assert read(out) == first  # nothing mixed in
+    # What only changes the speed is no difference: the batch size, the prefill micro-batch.
+    code, stdout, err = run_batch(capsys, checkpoint_dir, requests, out, "--k-ratio", "0.05", "--batch-size", "5")
+    assert code == 0 and "answered 5 of 5" in stdout, err
+    # Answers whose settings are not recorded (an older crosstrim wrote them) are not resumed either.
+    (tmp_path / "answers.jsonl.settings.json").unlink()
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--k-ratio", "0.05")
+    assert code == 2 and "no record of what produced them" in err
+
+
+def test_out_that_is_the_requests_file_is_refused(capsys, checkpoint_dir, requests, tmp_path, monkeypatch):
+    before = requests.read_text()
+    (tmp_path / "link.jsonl").symlink_to(requests)
+    monkeypatch.chdir(tmp_path)
+    for out in (requests, tmp_path / "link.jsonl", "requests.jsonl", "./img/../requests.jsonl"):
+        code, stdout, err = run_batch(capsys, checkpoint_dir, requests, out)
+        assert code == 2 and "is the requests file" in err and not stdout, (out, err)
+    assert requests.read_text() == before
+    # A copy of the requests is no answers file: its rows have no answer.
+    (tmp_path / "copy.jsonl").write_text(before)
+    code, stdout, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "copy.jsonl")
+    assert code == 2 and "copy.jsonl line 1 is not an answer row" in err
+
+
+def test_a_failure_while_repairing_the_last_line_keeps_every_stored_answer(
+    capsys, checkpoint_dir, requests, tmp_path, monkeypatch
+):
+    reference = tmp_path / "reference.jsonl"
+    answered(checkpoint_dir, requests, reference, capsys)
+    out = tmp_path / "answers.jsonl"
+    resume_from(reference, out, 4)
+    kept = out.read_text()
+    with out.open("a") as sink:
+        sink.write(reference.read_text().splitlines()[4][:10])  # killed mid-write
+
+    def fail(*args, **kwargs):  # the disk fails during the repair, after writing half of what it was given
+        if len(args) > 1 and isinstance(args[1], bytes):
+            with open(args[0], "wb") as sink:
+                sink.write(args[1][: len(args[1]) // 2])
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "truncate", fail)
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: fail(self, data))
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out)
+    assert code == 2 and "cannot repair the last line" in err and "Input/output error" in err
+    assert out.read_text().startswith(kept)  # every stored answer is still there
+    monkeypatch.undo()
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    assert code == 0 and read(out) == read(reference), err
+
+
+def test_a_complete_last_line_without_its_newline_counts_as_answered(capsys, checkpoint_dir, requests, tmp_path):
+    reference = tmp_path / "reference.jsonl"
+    answered(checkpoint_dir, requests, reference, capsys)
+    out = tmp_path / "answers.jsonl"
+    resume_from(reference, out, 2, newline=False)
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    assert code == 0, err
+    assert "3 to answer (2 already in" in err and "dropped" not in err
+    assert read(out) == read(reference)
+
+
+def test_every_batch_is_on_disk_before_the_next_starts(capsys, checkpoint_dir, requests, tmp_path, monkeypatch):
+    out = tmp_path / "answers.jsonl"
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(out):
+            synced.append(len(out.read_text().splitlines()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    assert code == 0, err
+    assert synced == [2, 4, 5]  # once per batch, after its answers
+
+
+@pytest.mark.parametrize("where", ["folder", "under a file", "unwritable folder", "unwritable file"])
+def test_out_problems_are_one_line_before_the_model_loads(
+    capsys, checkpoint_dir, requests, tmp_path, monkeypatch, where
+):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "readonly.jsonl").write_text("")
+    (tmp_path / "readonly.jsonl").chmod(0o444)
+    out, message = {
+        "folder": (tmp_path / "folder", "is a folder; pass a file path"),
+        "under a file": (tmp_path / "file.txt" / "answers.jsonl", "lies under a file, not a folder"),
+        "unwritable folder": (Path("/sys/crosstrim-answers.jsonl"), "cannot write in the folder of --out"),
+        "unwritable file": (tmp_path / "readonly.jsonl", "cannot write --out"),
+    }[where]
+    if where == "unwritable file" and os.geteuid() == 0:  # root writes read-only files: fail as a user would
+        real_open = Path.open
+
+        def refuse(self, mode="r", *args, **kwargs):
+            if self == out and "a" in mode:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", refuse)
+    monkeypatch.setattr(
+        batch_tool, "load_model", lambda *args: pytest.fail("the model loaded before --out was checked")
+    )
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_file_size_limit_mid_write_keeps_the_answers_before(capsys, checkpoint_dir, requests, tmp_path):
+    reference = tmp_path / "reference.jsonl"
+    answered(checkpoint_dir, requests, reference, capsys)
+    out = tmp_path / "answers.jsonl"
+    resume_from(reference, out, 2)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (out.stat().st_size + 30, limits[1]))  # the next batch stops mid-line
+    try:
+        code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert code == 2 and "Traceback" not in err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"crosstrim batch: error: cannot write answers to '{out}': File too large")
+    )
+    assert "the 2 answers before are kept" in err
+    assert out.read_text().startswith("".join(line + "\n" for line in reference.read_text().splitlines()[:2]))
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    assert code == 0 and "dropped an incomplete last line" in err
+    assert read(out) == read(reference)
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_a_bad_row(
+    capsys, checkpoint_dir, requests, tmp_path, monkeypatch
+):
+    from PIL import Image
+
+    Image.new("RGB", (200, 200)).save(tmp_path / "img" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 40,000 pixels: over twice the limit
+    rows = read(requests)
+    write(requests, [*rows[:2], {"id": "bomb", "images": ["img/bomb.png"], "prompt": "what ?"}, *rows[2:]])
+    out = tmp_path / "answers.jsonl"
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("crosstrim batch: error: requests.jsonl line 3 (id 'bomb'): cannot")
+    assert "line 3 (id 'bomb'): cannot read image" in err and "bomb.png" in err and "decompression bomb" in err
+    assert [r["id"] for r in read(out)] == ["r0", "r1"]
+    code, stdout, err = run_batch(capsys, checkpoint_dir, requests, out, "--batch-size", "2", "--skip-bad")
+    assert code == 0 and "answered 5 of 6" in stdout and "skipped 1 bad row" in err and "bomb.png" in err
+
+
+def test_a_prompt_longer_than_the_model_s_positions_is_a_bad_row(capsys, checkpoint_dir, requests, tmp_path):
+    rows = read(requests)
+    positions = 512  # tiny.py: text_config.max_position_embeddings
+    write(requests, [*rows, {"id": "long", "images": ["img/0.png"], "prompt": "what " * positions}])
+    out = tmp_path / "answers.jsonl"
+    code, _, err = run_batch(capsys, checkpoint_dir, requests, out)
+    # <|image|> and one token a word (the tiny tokenizer adds no BOS), plus --max-new-tokens 3
+    assert code == 2 and f"line 6 (id 'long'): the prompt is {positions + 1} tokens" in err
+    assert f"needs {positions + 4} positions; the model has {positions} (max_position_embeddings)" in err
+    code, stdout, err = run_batch(capsys, checkpoint_dir, requests, out, "--skip-bad")
+    assert code == 0 and "answered 5 of 6" in stdout and "id 'long'" in err
+
+
+def test_the_memory_budget_plan_counts_the_summary_tokens(capsys, checkpoint_dir, requests, tmp_path):
+    """--summarize-dropped caches one more token per image in every trimmed layer: a budget of exactly four
+    requests without it holds three with it."""
+    model, processor = checkpoint.load(checkpoint_dir, "cpu", "float32")
+    mm = memory.MemoryModel.from_config(model.config)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    texts = [checkpoint.format_prompt(processor, r["prompt"], len(r["images"])) for r in read(requests)]
+    text_tokens = max(len(processor.tokenizer(t)["input_ids"]) for t in texts) + 3
+    plain = mm.kv_bytes("float32", text_tokens=text_tokens, images=2, r=0.25).total
+    summarised = plain + 2 * mm.trimmed_layers() * mm.kv_bytes_per_token("float32")
+    budget = weights + 4 * plain + 1
+    code, _, err = run_batch(
+        capsys, checkpoint_dir, requests, tmp_path / "answers.jsonl", "--memory-budget", repr(budget / 1e9),
+        "--keep-ratio", "0.25", "--summarize-dropped",
+    )  # fmt: skip
+    assert code == 0, err
+    assert int(re.search(r"batch (\d+) from --memory-budget", err).group(1)) == (budget - weights) // summarised == 3
+
+
+def test_a_resume_with_a_changed_model_folder_is_refused(capsys, checkpoint_dir, requests, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, model)
+    out = tmp_path / "answers.jsonl"
+    assert run_batch(capsys, model, requests, out, "--batch-size", "5")[0] == 0
+    (model / ".cache").mkdir()  # what a download tool leaves: not the model
+    (model / ".cache" / "x.lock").write_text("")
+    assert run_batch(capsys, model, requests, out)[0] == 0
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.5}))
+    code, _, err = run_batch(capsys, model, requests, out)
+    assert code == 2 and "holds answers made with other settings (model files " in err

@@ -13,7 +13,7 @@ from crosstrim.bench import capacity, summary, vision
 from crosstrim.bench.measure import Clock, status_bytes
 from crosstrim.engine import memory
 
-ARGS = ["--dims", "tiny", "--batch", "1,2", "--text", "6", "--keep", "0.5,0.25", "--decode-steps", "2"]
+ARGS = ["--dims", "tiny", "--batch", "1,2", "--text-tokens", "6", "--keep-ratios", "0.5,0.25", "--decode-steps", "2"]
 ARGS += ["--repeats", "2", "--threads", "1"]
 
 
@@ -47,7 +47,18 @@ def test_bench_runs_end_to_end_and_writes_every_sample(capsys, tmp_path):
 
 
 def test_bench_runs_on_a_checkpoint_directory(capsys, tmp_path, checkpoint_dir):
-    argv = ["--model", checkpoint_dir, "--batch", "1", "--text", "4", "--keep", "0.5", "--decode-steps", "1"]
+    argv = [
+        "--model",
+        checkpoint_dir,
+        "--batch",
+        "1",
+        "--text-tokens",
+        "4",
+        "--keep-ratios",
+        "0.5",
+        "--decode-steps",
+        "1",
+    ]
     code, out, err = run_cli(capsys, "bench", *argv, "--repeats", "1", "--threads", "1", "--out", tmp_path)
     assert code == 0, err
     assert f"checkpoint {checkpoint_dir}; fed random precomputed image features" in out
@@ -64,9 +75,9 @@ def test_memory_budget_search_reports_predicted_and_measured(capsys, tmp_path, m
         return generate(model, prefill_batch_size=prefill_batch_size, **kwargs)
 
     monkeypatch.setattr(crosstrim, "generate", recorded)
-    argv = [*ARGS[:6], "--keep", "0.25", "--decode-steps", "1", "--repeats", "1", "--threads", "1"]
+    argv = [*ARGS[:6], "--keep-ratios", "0.25", "--decode-steps", "1", "--repeats", "1", "--threads", "1"]
     budget_gb = f"{status_bytes('VmRSS') / 1e9 + 0.5:.2f}"  # what this process holds + 0.5 GB: always available
-    argv += ["--memory-budget", budget_gb, "--max-batch", "3", "--prefill-batch", "2"]
+    argv += ["--memory-budget", budget_gb, "--max-batch", "3", "--prefill-batch-size", "2"]
     code, out, err = run_cli(capsys, "bench", *argv, "--out", tmp_path)
     assert code == 0, err
     # Every probe is a user's call: pixels in, micro-batched prefill; per variant a calibration (one micro-batch),
@@ -180,13 +191,13 @@ def test_at_depth_composes_measured_layer_times():
         (["--batch", "1,x"], "comma-separated integers"),
         (["--warmup", "-1"], "--warmup must be at least 0"),
         (["--dims", "7b"], "unknown --dims '7b'"),
-        (["--keep", "1"], "at least one fraction below 1"),
-        (["--keep", "2"], "fractions in (0, 1]"),
+        (["--keep-ratios", "1"], "at least one fraction below 1"),
+        (["--keep-ratios", "2"], "--keep-ratios must be fractions in (0, 1]"),
         (["--batch", "0"], "--batch must be positive"),
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--memory-budget", "-1"], "--memory-budget must be a positive"),
         (["--full-depth-budget", "0"], "--full-depth-budget must be a positive"),
-        (["--prefill-batch", "0"], "--prefill-batch must be at least 1"),
+        (["--prefill-batch-size", "0"], "--prefill-batch-size must be at least 1"),
         (["--real-vision"], "--real-vision builds a preset's vision encoder"),
         (["--memory-budget", "100000"], "exceeds the"),
         (["--device", "cuda:7"], "CUDA is not available"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import run_cli
+from support import needs_testbed_checkpoint, run_cli
 
 from crosstrim.core import TrimConfig
 from crosstrim.evaluation import calibration, sweep
@@ -255,3 +255,15 @@ def test_testbed_data_seed_draws_fresh_questions_and_refuses_training_seeds(tmp_
     for seed in (data.TRAIN_SEED, train.VALID_SEED):
         code, _, err = run_cli(capsys, "testbed", "data", "--out", tmp_path / "c", "--seed", seed)
         assert code == 2 and "training or validation split's seed" in err
+
+
+@needs_testbed_checkpoint
+def test_a_folder_prompt_the_testbed_cannot_read_is_warned_about(capsys, tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (48, 48)).save(tmp_path / "images" / "x.png")
+    code, _, err = run_cli(
+        capsys, "calibrate", "--device", "cpu", "--data", tmp_path / "images", "--prompt", "What is shown?",
+        "--k-ratios", "0.25", "--keep-ratios", "", "--max-new-tokens", "1", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "crosstrim calibrate: warning: the testbed does not know 'What', 'shown?'" in err

@@ -132,7 +132,7 @@ def test_viz_writes_a_png_for_a_testbed_item_and_for_an_image_file(tmp_path, cap
 def test_demo_answers_full_and_trimmed_side_by_side(tmp_path, capsys):
     code, out, err = run_cli(capsys, "demo", "--count", "4", "--viz", tmp_path / "demo.png", "--device", "cpu")
     assert code == 0, err
-    assert "trimming: trimmed k=0.25" in out and "KiB ->" in out and "saved" in out
+    assert "trimming: trimmed k=0.25" in out and "KB ->" in out and "saved" in out
     assert sum(line.startswith(data.FAMILIES) for line in out.splitlines()) == 4
     assert (tmp_path / "demo.png").is_file()
 

@@ -146,7 +146,9 @@ def test_element_size_and_kept_tokens_validate():
 
 
 def test_kv_prints_tables_and_writes_plot_and_json(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "kv", "--preset", "11b", "--keep", "0.25", "--batch", "1,16", "--out", tmp_path)
+    code, out, err = run_cli(
+        capsys, "kv", "--preset", "11b", "--keep-ratios", "0.25", "--batch", "1,16", "--out", tmp_path
+    )
     assert code == 0, err
     assert "cross-attention KV per image:     209,846,272 B (209.8 MB)" in out
     assert "1,601 text tokens (full)" in out and "550 text tokens (r=0.25)" in out
@@ -169,7 +171,7 @@ def test_kv_reads_a_checkpoint_config_only(capsys, tmp_path, model):
     ("argv", "message"),
     [
         (["--preset", "7b"], "unknown preset '7b'"),
-        (["--keep", "1.5"], "fractions in (0, 1]"),
+        (["--keep-ratios", "1.5"], "--keep-ratios must be fractions in (0, 1]"),
         (["--batch", "0,2"], "--batch must be positive"),
         (["--lengths", "a"], "--lengths must be comma-separated integers"),
         (["--dtype", "int3"], "unknown dtype 'int3'"),
@@ -186,3 +188,34 @@ def test_kv_bad_input_is_one_clear_line_and_exit_2(capsys, tmp_path, argv, messa
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_byte_figures_take_the_decimal_unit_that_fits():
+    """One convention for every printed size (issue 19, item 12): decimal units, as --memory-budget counts."""
+    assert [memory.format_bytes(n) for n in (0, 999, 1000, 52_224, 209_846_272, 37e9, 2.5e12)] == [
+        "0 B", "999 B", "1 KB", "52.22 KB", "209.8 MB", "37 GB", "2.5 TB",
+    ]  # fmt: skip
+    assert memory.unit_for([10, 2_000_000, 500]) == ("MB", 1e6)
+
+
+def test_generate_prints_the_kv_cache_in_decimal_units(capsys, checkpoint_dir, tmp_path):
+    """What `crosstrim generate` prints is what the handle measured, in the shared unit (it said MB for MiB)."""
+    from support import image
+
+    from crosstrim.evaluation import checkpoint
+
+    image(2, seed=1).save(tmp_path / "x.png")
+    code, out, err = run_cli(
+        capsys, "generate", "--model", checkpoint_dir, "--image", tmp_path / "x.png", "--prompt", "what ?",
+        "--max-new-tokens", "1", "--device", "cpu", "--keep-ratio", "0.5",
+    )  # fmt: skip
+    assert code == 0, err
+    model, processor = checkpoint.load(checkpoint_dir, "cpu", "fp32")
+    text = checkpoint.format_prompt(processor, "what ?", 1)
+    inputs = processor(images=[[checkpoint.load_image(tmp_path / "x.png")]], text=[text], return_tensors="pt")
+    with crosstrim.trimmed(model, crosstrim.TrimConfig(keep_ratio=0.5)) as handle:
+        model(**inputs)
+    stats = handle.stats
+    assert (
+        f"cross-attn KV {memory.format_bytes(stats.kv_bytes_full)} -> {memory.format_bytes(stats.kv_bytes_kept)}" in out
+    )

@@ -19,3 +19,11 @@ def test_readme_testbed_example_answers_sensibly():
     assert answer == "square"  # what the comment beside the print says, and the right answer
     assert summary.startswith("trimmed k=0.25: kept 47.1% of image tokens (per sample 16/34)")
     assert "<|unk|>" not in example
+
+
+def test_readme_command_line_prompts_are_words_the_testbed_knows():
+    """Without --model the commands run the testbed: a README prompt it cannot read would answer nothing."""
+    from crosstrim.testbed import unknown_words
+
+    prompts = re.findall(r'--prompt "([^"]*)"', "".join(re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)))
+    assert prompts and all(unknown_words(prompt) == [] for prompt in prompts), prompts

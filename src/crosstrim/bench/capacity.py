@@ -142,7 +142,7 @@ def search(model, mm: memory.MemoryModel, variants: list, args, clock: Clock) ->
     """For every variant: calibrate its footprint on one micro-batch, predict the largest batch within
     ``args.memory_budget`` GB, then find the measured one, probing from the prediction; decode throughput
     is read from the probe at the measured largest batch."""
-    budget, text, steps, n = args.memory_budget * GB, max(args.text_values), args.decode_steps, args.prefill_batch
+    budget, text, steps, n = args.memory_budget * GB, max(args.text_values), args.decode_steps, args.prefill_batch_size
     first, dtype, results = args.trim_first_layer_cache, model.dtype, []
     held = reset_peak(model.device)
     print(

@@ -5,10 +5,32 @@ comma-separated option values and plain-text tables."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from crosstrim.core import TrimConfig, method_names
 from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.sweep import Setting, plan
+
+
+class _Renamed(argparse.Action):
+    """An old spelling of a flag, kept for one release: it sets what the new one sets and says so on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated and goes in the next release; use {self.new}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept ``old`` (hidden from ``--help``) for the flag ``new`` defined before it, with a notice."""
+    action = next(a for a in parser._actions if new in a.option_strings)
+    parser.add_argument(old, dest=action.dest, type=action.type, new=new, action=_Renamed, help=argparse.SUPPRESS)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +163,7 @@ def ints(text: str, name: str) -> list[int]:
     return values
 
 
-def fractions(text: str, name: str = "--keep") -> list[float]:
+def fractions(text: str, name: str) -> list[float]:
     """Fractions in (0, 1] from ``"0.5,0.25"``; option ``name`` is named in the error."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]

@@ -31,6 +31,24 @@ import torch
 from crosstrim.adapters.mllama import tokens_per_tile
 from crosstrim.core.methods import kept_tokens
 
+# Decimal byte units, largest first (1 GB = 1e9 B, as --memory-budget counts): every figure crosstrim prints
+# picks one, so that no number rounds to zero and none needs a row of digits.
+UNITS = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))
+
+
+def unit_for(values) -> tuple[str, float]:
+    """The largest unit in which the largest of ``values`` (bytes) is at least 1, e.g. ``("MB", 1e6)``: one unit
+    for a table column or a plot axis."""
+    largest = max((abs(v) for v in values), default=0)
+    return next(((name, size) for name, size in UNITS if largest >= size), UNITS[-1])
+
+
+def format_bytes(value: float) -> str:
+    """``value`` bytes in the unit that fits it, four significant digits: ``'52.22 KB'``, ``'209.8 MB'``."""
+    name, size = unit_for([value])
+    return f"{value / size:.4g} {name}"
+
+
 # Every dtype name crosstrim accepts (case-insensitive), for model loading and byte counts alike.
 DTYPES = {
     "float32": torch.float32,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crosstrim.engine.memory import cross_kv_bytes
+from crosstrim.engine.memory import cross_kv_bytes, format_bytes
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,10 @@ class TrimStats:
         return sum(fractions) / len(fractions) if fractions else 1.0
 
     def summary(self) -> str:
-        mb = 1024 * 1024
         return (
             f"{self.method}: kept {self.mean_kept_fraction:.1%} of image tokens "
             f"(per sample {', '.join(f'{k}/{v}' for k, v in zip(self.kept_counts, self.valid_counts))}); "
-            f"cross-attn KV {self.kv_bytes_full / mb:.2f} MB -> {self.kv_bytes_kept / mb:.2f} MB"
+            f"cross-attn KV {format_bytes(self.kv_bytes_full)} -> {format_bytes(self.kv_bytes_kept)}"
         )
 
 

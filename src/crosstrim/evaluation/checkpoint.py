@@ -99,6 +99,8 @@ def load_image(path: str | Path):
         raise UserError(f"image {str(path)!r} does not exist") from err
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"cannot read image {str(path)!r}: not a decodable image file") from err
+    except Image.DecompressionBombError as err:
+        raise UserError(f"cannot read image {str(path)!r}: {err}; downscale it") from err
 
 
 def format_prompt(processor, prompt: str, n_images: int) -> str:
@@ -109,7 +111,9 @@ def format_prompt(processor, prompt: str, n_images: int) -> str:
     """
     placed = prompt.count("<|image|>")
     if placed and placed != n_images:
-        raise UserError(f"the prompt has {placed} <|image|> tokens but {n_images} images were given")
+        tokens = f"{placed} <|image|> token{'s' if placed != 1 else ''}"
+        given = f"{n_images} image{'s were' if n_images != 1 else ' was'} given"
+        raise UserError(f"the prompt has {tokens} but {given}")
     if getattr(processor, "chat_template", None) and not placed:
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
         messages = [{"role": "user", "content": content}]

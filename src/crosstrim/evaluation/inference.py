@@ -45,15 +45,14 @@ def encode(processor, items: Sequence[Item], device: torch.device | str) -> dict
     return encoded.to(device)
 
 
+# How every tool decodes (``crosstrim batch`` records it beside its answers).
+GREEDY = {"do_sample": False, "num_beams": 1}
+
+
 def greedy(processor, max_new_tokens: int) -> dict:
     """The ``generate`` settings every tool answers with: greedy, one beam, the processor's pad id, so
     eval, calibrate and batch give the same answer to the same request."""
-    return {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": False,
-        "num_beams": 1,
-        "pad_token_id": processor.tokenizer.pad_token_id,
-    }
+    return {"max_new_tokens": max_new_tokens, **GREEDY, "pad_token_id": processor.tokenizer.pad_token_id}
 
 
 def answer_texts(processor, sequences: torch.Tensor, inputs: dict[str, torch.Tensor]) -> list[str]:

@@ -34,4 +34,25 @@ def load(device: str = "auto", dtype: str = "auto"):
     return checkpoint.load(CHECKPOINT, device, dtype)
 
 
-__all__ = ["CHECKPOINT", "load"]
+def unknown_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` the testbed's tokenizer does not know, in order, once each. It splits on spaces
+    and reads every other word as ``<|unk|>``, so a question it cannot read gets an empty or arbitrary
+    answer rather than an error: the tools warn with :func:`prompt_warning` instead."""
+    from crosstrim.testbed import data
+
+    known = set(data.vocabulary())
+    return list(dict.fromkeys(w for w in prompt.replace("<|image|>", " ").split() if w not in known))
+
+
+def prompt_warning(prompt: str) -> str | None:
+    """A one-line warning naming the words of ``prompt`` the testbed does not know, or ``None``."""
+    unknown = unknown_words(prompt)
+    if not unknown:
+        return None
+    return (
+        f"the testbed does not know {', '.join(map(repr, unknown))} (each reads as <|unk|>); it knows the words of "
+        "crosstrim.testbed.data.vocabulary(), lowercase and split on spaces, e.g. 'what color is the circle ?'"
+    )
+
+
+__all__ = ["CHECKPOINT", "load", "prompt_warning", "unknown_words"]

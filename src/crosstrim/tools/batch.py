@@ -14,6 +14,10 @@ and answered again)::
 bytes are its cross-attention cache untrimmed and trimmed, run alone (no padding of any kind), so
 they do not depend on the batch the request came in.
 
+Beside ``--out`` (say ``answers.jsonl``) live ``answers.jsonl.settings.json``, what produced the answers
+(a resume with other settings would mix two runs' answers, so it is refused), and ``answers.jsonl.lock``,
+which the run holds so that a second run on the same output is refused instead of answering everything twice.
+
 With ``--memory-budget GB`` the batch size comes from the memory model (:mod:`crosstrim.engine.memory`):
 the largest batch whose weights plus KV cache (the longest request's prompt plus
 ``--max-new-tokens``, the most images any request has, every tile) fit the budget. The prefill runs
@@ -25,6 +29,9 @@ batch; they come on top of the budget.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -37,9 +44,11 @@ from crosstrim.cli import options
 from crosstrim.cli.options import load_model, progress_bar
 from crosstrim.core import TrimConfig
 from crosstrim.engine import memory
+from crosstrim.engine.memory import format_bytes
 from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.dataset import Item
-from crosstrim.evaluation.inference import answer_texts, encode, greedy
+from crosstrim.evaluation.inference import GREEDY, answer_texts, encode, greedy
+from crosstrim.testbed import CHECKPOINT, prompt_warning, unknown_words
 
 GB = 1e9
 DEFAULT_BATCH = 8
@@ -47,8 +56,10 @@ DEFAULT_BATCH = 8
 
 @dataclass(frozen=True)
 class Request:
-    """One row of the requests file: where it is (for messages), its id, image files and prompt."""
+    """One row of the requests file: where it is (file name and line, for messages), its id, image files
+    and prompt."""
 
+    file: str
     line: int
     id: object
     images: tuple[Path, ...]
@@ -56,7 +67,7 @@ class Request:
 
     @property
     def where(self) -> str:
-        return f"line {self.line} (id {self.id!r})"
+        return f"{self.file} line {self.line} (id {self.id!r})"
 
 
 @dataclass(frozen=True)
@@ -102,19 +113,150 @@ def run(args: argparse.Namespace) -> int:
     requests, bad = read_requests(Path(args.requests), args.skip_bad)
     total = len(requests) + len(bad)
     out = Path(args.out)
-    done = read_answers(out, {str(r.id) for r in requests})
     totals = Totals()
-    for row in done.values():
-        totals.add(row)
-    pending = [r for r in requests if str(r.id) not in done]
-    if pending:
-        bad = answer_all(args, config, pending, out, totals, bad)
+    with contextlib.ExitStack() as stack:
+        lock_output(stack, out, Path(args.requests))  # before the model loads: an 11B load takes minutes
+        done = read_answers(out, {str(r.id) for r in requests})
+        check_settings(out, run_settings(args, config), answered=bool(done))
+        for row in done.values():
+            totals.add(row)
+        pending = [r for r in requests if str(r.id) not in done]
+        try:
+            if pending:
+                bad = answer_all(args, config, pending, out, totals, bad)
+        except KeyboardInterrupt:
+            print(
+                f"crosstrim batch: interrupted; {totals.rows} of {total} requests are answered in {out}; "
+                "run the same command again to answer the rest",
+                file=sys.stderr,
+            )
+            return 130
     print(f"answered {totals.rows} of {total} requests into {out}" + (f"; {totals}" if totals.valid else ""))
     if bad:
         print(f"skipped {len(bad)} bad row{'s' if len(bad) > 1 else ''}:", file=sys.stderr)
         for row in bad:
             print(f"  {row}", file=sys.stderr)
     return 0
+
+
+def lock_output(stack: contextlib.ExitStack, out: Path, requests: Path) -> None:
+    """Check that ``out`` can take answers and lock it for this run (held until ``stack`` closes).
+
+    Two runs appending to one file would answer every request twice, so the second is refused: it cannot
+    take the exclusive ``flock`` on ``OUT.lock`` the first holds (released by the kernel when a run ends,
+    however it ends). Every problem is found here, before the model loads.
+    """
+    if out.exists() and requests.exists() and os.path.samefile(out, requests):
+        raise UserError(f"--out {str(out)!r} is the requests file; pass another file for the answers")
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a folder; pass a file path such as {str(out / 'answers.jsonl')!r}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise UserError(f"--out {str(out)!r} lies under a file, not a folder; pass another path") from err
+    except OSError as err:
+        raise UserError(f"cannot create the folder of --out {str(out)!r}: {err.strerror}") from err
+    lock_path = _beside(out, ".lock")
+    try:
+        lock = stack.enter_context(lock_path.open("a"))
+    except OSError as err:
+        raise UserError(
+            f"cannot write in the folder of --out {str(out)!r} ({err.strerror}); pass another path"
+        ) from err
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        raise UserError(
+            f"another crosstrim batch is writing {str(out)!r} (it holds {str(lock_path)!r}); "
+            "wait for it to finish, or answer into another --out"
+        ) from err
+    try:
+        with out.open("ab"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write --out {str(out)!r}: {err.strerror}") from err
+
+
+def _beside(out: Path, suffix: str) -> Path:
+    """The file beside ``out`` (its real location, when ``out`` is a link) named ``out``'s name + ``suffix``."""
+    real = out.resolve()
+    return real.with_name(real.name + suffix)
+
+
+def run_settings(args: argparse.Namespace, config: TrimConfig) -> dict:
+    """What decides the answers, recorded beside them: the model (its folder and a digest of its files),
+    the dtype, the trimming, the generate settings and crosstrim's version. Batch sizes and threads are
+    left out: they change how fast answers come, not which."""
+    device = checkpoint.resolve_device(args.device)
+    folder = Path(args.model) if args.model else CHECKPOINT
+    return {
+        "model": str(folder.resolve()) if args.model else "testbed",
+        "model files": _digest(folder),
+        "dtype": str(checkpoint.resolve_dtype(args.dtype, device)).removeprefix("torch."),
+        "trimming": {name: getattr(config, name) for name in options.TRIM_FLAGS},
+        "generate": {"max_new_tokens": args.max_new_tokens, **GREEDY},
+        "crosstrim": crosstrim.__version__,
+    }
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """``{"trimming": {"k_ratio": 0.05}}`` as ``{"trimming k_ratio": 0.05}``, so a difference names its field."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key} ")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _digest(folder: Path) -> str:
+    """A digest of a checkpoint folder: every file's name, the contents of the small ones (config,
+    generation config, tokenizer) and the size of the weight files (hashing gigabytes would take minutes).
+    Hidden files (a download tool's ``.cache``, locks) are left out: they change without the model changing."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        if path.suffix in WEIGHT_SUFFIXES:
+            digest.update(str(path.stat().st_size).encode())
+        else:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def check_settings(out: Path, settings: dict, answered: bool) -> None:
+    """Refuse to add answers to ``out`` made with other settings than the answers in it (resuming
+    would mix them silently); record the settings of a new or empty output in ``OUT.settings.json``."""
+    path = _beside(out, ".settings.json")
+    if answered:
+        if not path.is_file():
+            raise UserError(
+                f"{str(out)!r} holds answers but no record of what produced them ({path.name} is missing); "
+                "answer into a new --out"
+            )
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"cannot read {str(path)!r}, the settings of {str(out)!r}: {err}") from err
+        before, now = _flat(recorded), _flat(settings)
+        differences = [f"{key} {before.get(key)} -> {value}" for key, value in now.items() if before.get(key) != value]
+        if differences:
+            raise UserError(
+                f"{str(out)!r} holds answers made with other settings ({'; '.join(differences)}); resuming would "
+                f"mix them: answer into a new --out, or remove {str(out)!r} and {path.name} to start over"
+            )
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as err:
+        raise UserError(f"cannot write {str(path)!r}: {err.strerror}") from err
 
 
 def answer_all(args, config: TrimConfig, pending: list[Request], out: Path, totals: Totals, bad: list) -> list:
@@ -129,8 +271,15 @@ def answer_all(args, config: TrimConfig, pending: list[Request], out: Path, tota
         f"{out}); batch {batch_size}, prefill {args.prefill_batch_size} at a time",
         file=sys.stderr,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a", encoding="utf-8") as sink, progress_bar() as bar, crosstrim.trimmed(model, config) as handle:
+    unknown = [r for r in pending if unknown_words(r.prompt)] if args.model is None else []
+    if unknown:
+        print(
+            f"crosstrim batch: warning: {len(unknown)} request{'s' if len(unknown) > 1 else ''} use words the "
+            f"testbed does not know; {unknown[0].where}: {prompt_warning(unknown[0].prompt)}",
+            file=sys.stderr,
+        )
+    positions = model.config.text_config.max_position_embeddings
+    with out.open("ab", buffering=0) as sink, progress_bar() as bar, crosstrim.trimmed(model, config) as handle:
         task = bar.add_task("answering", total=len(pending), note="")
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
@@ -138,19 +287,47 @@ def answer_all(args, config: TrimConfig, pending: list[Request], out: Path, tota
             for request in batch:
                 try:
                     pictures = tuple(checkpoint.load_image(path) for path in request.images)
-                    checkpoint.format_prompt(processor, request.prompt, len(pictures))
+                    text = checkpoint.format_prompt(processor, request.prompt, len(pictures))
+                    check_length(processor, text, args.max_new_tokens, positions)
                 except UserError as err:
                     bad = _bad(bad, BadRow(request.where, str(err)), args.skip_bad)
                     continue
                 ready.append(request)
                 images.append(pictures)
-            for row in answer(model, processor, handle, ready, images, args) if ready else []:
-                sink.write(json.dumps(row) + "\n")
+            rows = answer(model, processor, handle, ready, images, args) if ready else []
+            try:
+                append(sink, rows)
+            except OSError as err:
+                raise UserError(
+                    f"cannot write answers to {str(out)!r}: {err.strerror}; the {totals.rows} answers before "
+                    "are kept, and running the same command again answers the rest"
+                ) from err
+            for row in rows:
                 totals.add(row)
-            sink.flush()
-            os.fsync(sink.fileno())
             bar.update(task, advance=len(batch), note=f"kept {totals.kept_share:.0%}" if totals.valid else "")
     return bad
+
+
+def append(sink, rows: list[dict]) -> None:
+    """Append one batch's answers to the unbuffered ``sink`` and make them durable (fsync) before the next
+    batch starts, so a crash or a kill loses at most the batch being answered. Unbuffered: a failed write
+    (disk full, file-size limit) leaves nothing behind to be flushed again at close."""
+    data = memoryview("".join(json.dumps(row) + "\n" for row in rows).encode())
+    while data:
+        data = data[sink.write(data) :]
+    os.fsync(sink.fileno())
+
+
+def check_length(processor, text: str, max_new_tokens: int, positions: int) -> None:
+    """Refuse a prompt that, with ``--max-new-tokens``, needs more positions than the model has
+    (``text_config.max_position_embeddings``): past them its answer is not what the model was trained for."""
+    tokens = len(processor.tokenizer(text)["input_ids"])
+    if tokens + max_new_tokens > positions:
+        raise UserError(
+            f"the prompt is {tokens} tokens, and with --max-new-tokens {max_new_tokens} needs "
+            f"{tokens + max_new_tokens} positions; the model has {positions} (max_position_embeddings): "
+            "shorten the prompt or lower --max-new-tokens"
+        )
 
 
 class Totals:
@@ -173,8 +350,8 @@ class Totals:
     def __str__(self) -> str:
         saved = 1 - self.kv_kept / self.kv_full if self.kv_full else 0.0
         return (
-            f"kept {self.kept_share:.1%} of image tokens; cross-attention KV {self.kv_full / 1e6:.2f} MB -> "
-            f"{self.kv_kept / 1e6:.2f} MB ({saved:.0%} saved; each request counted alone, no batch padding)"
+            f"kept {self.kept_share:.1%} of image tokens; cross-attention KV {format_bytes(self.kv_full)} -> "
+            f"{format_bytes(self.kv_kept)} ({saved:.0%} saved; each request counted alone, no batch padding)"
         )
 
 
@@ -233,42 +410,69 @@ def _request(path: Path, number: int, line: str) -> Request:
     for file in files:
         if not file.is_file():
             raise ValueError(f"image {str(file)!r} does not exist")
-    return Request(number, record["id"], files, record["prompt"])
+    return Request(path.name, number, record["id"], files, record["prompt"])
 
 
 def read_answers(path: Path, known: set[str]) -> dict[str, dict]:
-    """The answers already in ``path``, by id. A last line cut off mid-write (an interrupted run) is
-    removed so its request is answered again; any other unreadable line is an error."""
+    """The answers already in ``path``, by id.
+
+    A last line cut off mid-write (an interrupted run) is cut off the file, and nothing else is
+    rewritten, so its request is answered again and a failure here cannot lose a stored answer; a
+    complete last line without its newline counts as an answer and gets the newline. Any other line
+    that is not an answer (no ``id`` or ``answer``), an id of another requests file, and an id answered
+    twice (``7`` and ``"7"`` are one id: ids are compared as text) are errors.
+    """
     if not path.exists():
         return {}
     data = path.read_bytes()
     lines = data.split(b"\n")
     complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline
-    if tail.strip():
-        try:
-            json.loads(tail)
+    try:
+        if tail.strip() and _is_json(tail):
             complete.append(tail)
-            data += b"\n"
-        except json.JSONDecodeError:
-            data = data[: len(data) - len(tail)]
-            print(f"crosstrim batch: dropped an incomplete last line of {path}; answering it again", file=sys.stderr)
-        path.write_bytes(data)
-    done = {}
+            with path.open("ab") as sink:
+                sink.write(b"\n")
+        elif tail:
+            os.truncate(path, len(data) - len(tail))
+            if tail.strip():
+                print(
+                    f"crosstrim batch: dropped an incomplete last line of {path}; answering it again", file=sys.stderr
+                )
+    except OSError as err:
+        raise UserError(f"cannot repair the last line of {str(path)!r} ({err.strerror}); its answers are kept") from err
+    done: dict[str, dict] = {}
     for number, line in enumerate(complete, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             key = str(row["id"])
+            if not isinstance(row["answer"], str):
+                raise TypeError("the answer is not a string")
         except (json.JSONDecodeError, TypeError, KeyError) as err:
-            raise UserError(f"{path} line {number} is not an answer row; pass another --out or remove it") from err
+            raise UserError(
+                f"{path} line {number} is not an answer row (id, answer, ...); pass another --out or remove it"
+            ) from err
         if key not in known:
             raise UserError(
                 f"{path} line {number} answers id {row['id']!r}, which is not in the requests; "
                 "is --out the answers of another requests file?"
             )
+        if key in done:
+            raise UserError(
+                f"{path} line {number} answers id {row['id']!r} again; two runs wrote into one --out: "
+                "keep one line per id (or answer into a new --out)"
+            )
         done[key] = row
     return done
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
 
 
 def budget_batch_size(model, processor, requests: list[Request], config: TrimConfig, args) -> tuple[int, str]:
@@ -302,13 +506,13 @@ def budget_batch_size(model, processor, requests: list[Request], config: TrimCon
     size = math.floor((budget - weights) / kv)
     if size < 1:
         raise UserError(
-            f"--memory-budget {args.memory_budget:g} GB holds no request: weights {weights / GB:.2f} GB + one "
-            f"request's KV cache {kv / GB:.3f} GB"
+            f"--memory-budget {args.memory_budget:g} GB holds no request: weights {format_bytes(weights)} + one "
+            f"request's KV cache {format_bytes(kv)} = {format_bytes(weights + kv)}"
         )
     assumed = "k_ratio planned as keeping every token; " if config.k_ratio is not None and ratio == 1.0 else ""
     plan = (
-        f"batch {size} from --memory-budget {args.memory_budget:g} GB: weights {weights / GB:.2f} GB + "
-        f"{size} x {kv / 1e6:.1f} MB KV per request ({text_tokens} text tokens, {images} image(s), "
+        f"batch {size} from --memory-budget {args.memory_budget:g} GB: weights {format_bytes(weights)} + "
+        f"{size} x {format_bytes(kv)} KV per request ({text_tokens} text tokens, {images} image(s), "
         f"{assumed}kept share {ratio:g})"
     )
     return size, plan

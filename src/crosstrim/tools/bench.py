@@ -37,7 +37,7 @@ from crosstrim.bench import capacity
 from crosstrim.bench.measure import Clock, make_inputs, measure, random_model, status_bytes
 from crosstrim.bench.summary import summarise
 from crosstrim.bench.vision import time_vision
-from crosstrim.cli.options import fractions, ints, table
+from crosstrim.cli.options import add_renamed, fractions, ints, table
 from crosstrim.core import TrimConfig
 from crosstrim.engine import memory
 from crosstrim.evaluation import UserError, checkpoint, versions
@@ -51,12 +51,12 @@ def register(subparsers) -> None:
     p.add_argument("--dims", help="layer dims of the random model: 11b (default), 90b, tiny (tests)")
     p.add_argument("--layers", type=int, help="text layers of the random model (default 4), cross at 3,8,.. or 1,3,..")
     p.add_argument("--vocab", type=int, help="vocabulary of the random model (default 16384)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     p.add_argument("--batch", default="1,2,4,8", help="batch sizes (default 1,2,4,8)")
-    p.add_argument("--text", default="32,256", help="text tokens of the prompt (default 32,256)")
-    p.add_argument("--keep", default="0.5,0.25,0.1", help="exact kept fractions r of the trimmed variants")
+    p.add_argument("--text-tokens", default="32,256", help="text tokens of the prompt (default 32,256)")
+    p.add_argument("--keep-ratios", default="0.5,0.25,0.1", help="exact kept fractions r of the trimmed variants")
     p.add_argument("--k-ratio", default="0.25", help="paper rule: report the fraction it keeps (default 0.25)")
     p.add_argument("--trim-first-layer-cache", action="store_true", help="trimmed variants also shrink layer 1")
     p.add_argument("--decode-steps", type=int, default=6, help="timed decode steps per run (default 6)")
@@ -64,12 +64,20 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, help="untimed runs per shape (default 1 on GPU, 0 on CPU)")
     p.add_argument("--memory-budget", type=float, metavar="GB", help="find the largest batch that fits (GB)")
     p.add_argument("--max-batch", type=int, default=256, help="upper limit of the --memory-budget search")
-    p.add_argument("--prefill-batch", type=int, default=1, help="samples per prefill micro-batch in the search (1)")
+    p.add_argument(
+        "--prefill-batch-size", type=int, default=1, help="samples per prefill micro-batch in the search (1)"
+    )
     p.add_argument("--full-depth-budget", type=float, default=80.0, metavar="GB", help="composed estimate's budget")
     p.add_argument("--real-vision", action="store_true", help="random model with the preset's full vision encoder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="JSON + PNG folder")
     p.add_argument("--tag", help="file name stem (default: from dims or checkpoint, and device)")
+    for old, new in (
+        ("--text", "--text-tokens"),
+        ("--keep", "--keep-ratios"),
+        ("--prefill-batch", "--prefill-batch-size"),
+    ):
+        add_renamed(p, old, new)
     p.set_defaults(run=run)
 
 
@@ -170,11 +178,11 @@ def _draw(axes, rows: list[dict]) -> None:
 
 def parse(args) -> tuple[torch.device, torch.dtype | None]:
     """Validate everything before loading anything (errors: one-line UserErrors); the device and the dtype."""
-    args.batch_values, args.text_values = ints(args.batch, "--batch"), ints(args.text, "--text")
-    args.keep_values = fractions(args.keep)
+    args.batch_values, args.text_values = ints(args.batch, "--batch"), ints(args.text_tokens, "--text-tokens")
+    args.keep_values = fractions(args.keep_ratios, "--keep-ratios")
     args.k_values = fractions(args.k_ratio, "--k-ratio") if args.k_ratio else []
     positive = (("decode_steps", 1), ("repeats", 1), ("max_batch", 1), ("threads", 1), ("warmup", 0))
-    for name, least in (*positive, ("prefill_batch", 1)):
+    for name, least in (*positive, ("prefill_batch_size", 1)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise UserError(f"--{name.replace('_', '-')} must be at least {least}")
     for name in ("memory_budget", "full_depth_budget"):
@@ -199,7 +207,7 @@ def parse(args) -> tuple[torch.device, torch.dtype | None]:
     configs = [TrimConfig(keep_ratio=r, trim_first_layer_cache=args.trim_first_layer_cache) for r in args.keep_values]
     args.variants = [("full", None)] + [(f"keep {c.keep_ratio:g}", c) for c in configs if c.keep_ratio < 1]
     if len(args.variants) < 2:
-        raise UserError("--keep needs at least one fraction below 1 to compare against the full model")
+        raise UserError("--keep-ratios needs at least one fraction below 1 to compare against the full model")
     adaptive = [TrimConfig(k_ratio=k, trim_first_layer_cache=args.trim_first_layer_cache) for k in args.k_values]
     args.budget_variants = args.variants + [(f"k_ratio {c.k_ratio:g}", c) for c in adaptive]
     device = checkpoint.resolve_device(args.device)

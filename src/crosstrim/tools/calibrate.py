@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from crosstrim.cli import options
 from crosstrim.cli.options import load_model, progress_bar
+from crosstrim.engine.memory import format_bytes, unit_for
 from crosstrim.evaluation import UserError, calibration, distributed, run_setup, versions
 from crosstrim.testbed import data as testbed_data
+from crosstrim.testbed import prompt_warning
 
 
 def to_json(record: dict) -> str:
@@ -31,11 +34,13 @@ def table(cal: calibration.Calibration) -> str:
     head = ["setting", "kept (mean ± sd)", "cross-attn KV / request", "agreement [95% CI]", "first-token TV", "KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     full_kv = cal.results[0].kv_bytes_full if cal.results else 0
-    lines.append(f"| full | 100.0% | {full_kv / 1024:.1f} KiB | 100% (reference) | 0 | 0 |")
+    unit, size = unit_for([full_kv])  # one unit for the column: the full cache's, the largest
+    lines.append(f"| full | 100.0% | {full_kv / size:.4g} {unit} | 100% (reference) | 0 | 0 |")
     for r in cal.results:
         mark = " **(recommended)**" if cal.recommended is r else ""
         lines.append(
-            f"| {r.label}{mark} | {r.kept_fraction:.1%} ± {r.kept_fraction_std:.1%} | {r.kv_bytes_kept / 1024:.1f} KiB "
+            f"| {r.label}{mark} | {r.kept_fraction:.1%} ± {r.kept_fraction_std:.1%} "
+            f"| {r.kv_bytes_kept / size:.4g} {unit} "
             f"| {r.agreement:.1%} [{r.agreement_low:.1%}, {r.agreement_high:.1%}] ({r.agree}/{r.items}) "
             f"| {r.total_variation:.3f} | {r.kl:.3f} |"
         )
@@ -53,7 +58,7 @@ def verdict(cal: calibration.Calibration) -> str:
     r = cal.recommended
     return (
         f"Recommended: {r.label} -- keeps {r.kept_fraction:.1%} of image tokens, cross-attention KV "
-        f"{r.kv_bytes_kept / 1024:.1f} of {r.kv_bytes_full / 1024:.1f} KiB per request; agrees with the full model "
+        f"{format_bytes(r.kv_bytes_kept)} of {format_bytes(r.kv_bytes_full)} per request; agrees with the full model "
         f"on {r.agree}/{r.items} requests ({r.agreement:.1%}, 95% CI {r.agreement_low:.1%}-{r.agreement_high:.1%}, "
         f"lower bound >= target {cal.target:.0%})."
     )
@@ -151,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
         if rank.world_size > 1:
             args.device = str(rank.device)
         model, processor, model_name = load_model(args.model, args.device, args.dtype)
+        warning = prompt_warning(args.prompt) if args.prompt and args.model is None else None
+        if warning and rank.is_main:
+            print(f"crosstrim calibrate: warning: {warning}", file=sys.stderr)
         with progress_bar() as bar:
             task = bar.add_task("calibrate", total=len(items) * (len(settings) + 1), note="", visible=rank.is_main)
             cal = calibration.calibrate(

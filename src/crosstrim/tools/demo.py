@@ -15,6 +15,7 @@ from pathlib import Path
 from crosstrim.cli import options
 from crosstrim.cli.options import load_model
 from crosstrim.core import TrimConfig
+from crosstrim.engine.memory import format_bytes
 from crosstrim.evaluation import UserError, sources
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import Prediction, encode, predict
@@ -60,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     kv_full = sum(p.kv_bytes_full for p in trimmed[0])
     kv = [sum(p.kv_bytes_kept for p in preds) for preds in trimmed]
     print(
-        f"kept {kept:.1%} of image tokens; cross-attention KV cache {kv_full / 1024:.1f} KiB -> "
-        + " and ".join(f"{b / 1024:.1f} KiB {label} ({1 - b / kv_full:.0%} saved)" for b, label in zip(kv, columns[1:]))
+        f"kept {kept:.1%} of image tokens; cross-attention KV cache {format_bytes(kv_full)} -> "
+        + " and ".join(f"{format_bytes(b)} {label} ({1 - b / kv_full:.0%} saved)" for b, label in zip(kv, columns[1:]))
         + "; the first cross layer keeps all tokens"
     )
     # Draw the first question whose answers differ (where trimming matters), else the second one.

@@ -21,6 +21,7 @@ from pathlib import Path
 from crosstrim.cli import options
 from crosstrim.cli.options import load_model, progress_bar
 from crosstrim.core import method_names
+from crosstrim.engine.memory import unit_for
 from crosstrim.evaluation import UserError, distributed, run_setup, sources, sweep, versions, vlmeval_tsv
 from crosstrim.evaluation.inference import Prediction
 from crosstrim.evaluation.sweep import Family, Setting
@@ -126,11 +127,12 @@ def table(results: list[dict]) -> str:
     categories = list(results[0]["per_category"])
     official = official_columns(results)
     full_kv = next((r["kv_bytes_full"] for r in results if r["kv_bytes_full"]), None)
+    unit, size = unit_for(r["kv_bytes_kept"] or full_kv or 0 for r in results)  # one unit for the column
     head = ["run", "kept (mean ± sd)", "cross-attn KV / sample", *official, "accuracy", *categories]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         kv = r["kv_bytes_kept"] if r["kv_bytes_kept"] is not None else full_kv
-        kv_text = f"{kv / 1024:.1f} KiB" if kv is not None else "n/a"
+        kv_text = f"{kv / size:.4g} {unit}" if kv is not None else "n/a"
         kept = f"{r['kept_fraction']:.1%} ± {r['kept_fraction_std']:.1%}"
         cells = [r["label"], kept, kv_text, *(f"{r['official'][key]:.2f}" for key in official), _accuracy(r)]
         cells += [_accuracy(r["per_category"][c]) for c in categories]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -11,6 +12,7 @@ from crosstrim.cli import options
 from crosstrim.cli.options import load_model
 from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.inference import answer_texts, greedy
+from crosstrim.testbed import prompt_warning
 
 # Why ratio 1.0 keeps 100% yet saves no cache, while 0.999 saves the padding tiles' share.
 IDENTITY_NOTE = (
@@ -45,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     model, processor, name = load_model(args.model, args.device, args.dtype)
+    warning = prompt_warning(args.prompt) if args.model is None else None
+    if warning:
+        print(f"crosstrim generate: warning: {warning}", file=sys.stderr)
     text = checkpoint.format_prompt(processor, args.prompt, len(images))
     inputs = processor(images=[images], text=[text], return_tensors="pt").to(model.device)
     with crosstrim.trimmed(model, config) as handle:

@@ -6,24 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from crosstrim.cli.options import fractions, ints, table
+from crosstrim.cli.options import add_renamed, fractions, ints, table
 from crosstrim.engine import memory
+from crosstrim.engine.memory import format_bytes, unit_for
 from crosstrim.evaluation import UserError
-
-# Decimal byte units, largest first: every table and plot picks the one that fits its largest number.
-UNITS = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))
-
-
-def unit_for(values) -> tuple[str, float]:
-    """The largest unit in which the largest of ``values`` (bytes) is at least 1, e.g. ``("MB", 1e6)``."""
-    largest = max(values, default=0)
-    return next(((name, size) for name, size in UNITS if largest >= size), UNITS[-1])
-
-
-def scaled(value: float) -> str:
-    """``value`` bytes in the unit that fits it, e.g. ``'52.2 KB'``."""
-    name, size = unit_for([value])
-    return f"{value / size:.4g} {name}"
 
 
 def register(subparsers) -> None:
@@ -36,7 +22,9 @@ def register(subparsers) -> None:
         default="auto",
         help="cache dtype: fp32/float32, bf16/bfloat16, fp16/float16, fp8 or auto (default: bf16, as on GPU)",
     )
-    parser.add_argument("--keep", default="0.5,0.25,0.1", help="kept fractions r to compare (default 0.5,0.25,0.1)")
+    parser.add_argument(
+        "--keep-ratios", default="0.5,0.25,0.1", help="kept fractions r to compare (default 0.5,0.25,0.1)"
+    )
     parser.add_argument("--batch", default="1,2,4,8,16,32,64", help="batch sizes of table (a)")
     parser.add_argument("--text-tokens", type=int, default=128, help="text length of table (a) (default 128)")
     parser.add_argument(
@@ -48,6 +36,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", default="runs/kv", metavar="DIR", help="where PNG + JSON go (default runs/kv)")
     parser.add_argument("--no-plot", action="store_true", help="print the tables only")
+    add_renamed(parser, "--keep", "--keep-ratios")
     parser.set_defaults(run=run)
 
 
@@ -127,10 +116,10 @@ def render(result: dict) -> str:
         f"{result['max_tiles']} tiles x {result['tokens_per_tile']} tokens per image slot.",
         f"self-attention KV per text token: {result['self_kv_bytes_per_text_token']:,} B",
         f"cross-attention KV per image:     {result['cross_kv_bytes_per_image']:,} B "
-        f"({scaled(result['cross_kv_bytes_per_image'])})",
+        f"({format_bytes(result['cross_kv_bytes_per_image'])})",
     ]
     for r, value in result["cross_kv_bytes_per_image_kept"].items():
-        lines.append(f"  kept fraction r={r} ({first} cross layers trimmed): {value:,} B ({scaled(value)})")
+        lines.append(f"  kept fraction r={r} ({first} cross layers trimmed): {value:,} B ({format_bytes(value)})")
     name, size = unit_for(row["self"] + row["cross_full"] for row in result["vs_batch"])
 
     def amount(value: float) -> str:  # in the unit of the table being built (size, reassigned per table)
@@ -218,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         memory.element_size(args.dtype)
     except ValueError as err:
         raise UserError(str(err)) from err
-    args.keep_values = fractions(args.keep)
+    args.keep_values = fractions(args.keep_ratios, "--keep-ratios")
     args.batch_values = ints(args.batch, "--batch")
     args.length_values = ints(args.lengths, "--lengths")
     if args.text_tokens < 0 or args.images < 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,14 @@ from crosstrim.adapters import adapter_for
 from crosstrim.cli import options
 from crosstrim.cli.options import load_model
 from crosstrim.core import TrimConfig
+from crosstrim.engine.memory import format_bytes
 from crosstrim.engine.scores import cross_attention_scores
 from crosstrim.engine.stats import FirstLayerScores
 from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import encode, predict
 from crosstrim.testbed import data as testbed_data
+from crosstrim.testbed import prompt_warning
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,9 @@ def figure(item: Item, model, processor, config: TrimConfig, path: Path) -> dict
             f"{len(view.cls_tokens)} tile(s) x {per_tile} tokens",
             f"  (1 CLS + {per_tile - 1} patches each)",
             f"kept per tile: {', '.join(map(str, counts))}",
-            f"cross-attn KV: {full_kv / 1024:.1f} KiB -> {kept_kv / 1024:.1f} KiB",
-            f"(the first cross layer keeps all {stats.image_tokens}",
-            f" tokens; later layers see {stats.kept_counts[0]})",
+            f"cross-attn KV: {format_bytes(full_kv)} -> {format_bytes(kept_kv)}",
+            f"(first cross layer keeps all {stats.image_tokens} tokens;",
+            f" later layers see {stats.kept_counts[0]})",
         ]
         axes[0][2].text(0.0, 0.5, "\n".join(lines), fontsize=8, va="center", family="monospace")
         for i, idx in enumerate(later):
@@ -162,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     if not str(args.out).lower().endswith(".png"):
         raise UserError(f"--out must name a .png file, got {args.out!r}")
     model, processor, _ = load_model(args.model, args.device, args.dtype)
+    warning = prompt_warning(item.prompt) if args.model is None else None
+    if warning:
+        print(f"crosstrim viz: warning: {warning}", file=sys.stderr)
     shown = figure(item, model, processor, config, Path(args.out))
     print(f"{item.prompt} -> full: {shown['full']!r}, {config.describe()}: {shown['trimmed']!r}")
     print(f"kept {shown['kept']}/{shown['valid']} image tokens; wrote {args.out}")
