@@ -23,6 +23,17 @@ def budget(valid_count: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.ceil(valid_count.to(torch.float64) * ratio - 1e-6).clamp(min=0).to(torch.long)
 
 
+def fixed_kept_slots(valid_counts: torch.Tensor, ratio: float) -> int:
+    """``K``, the kept slots a fixed-ratio selection of ``(B, images)`` valid-token counts has.
+
+    Every fixed-ratio method keeps exactly ``ceil(ratio * valid)`` tokens of each image (a row keeps
+    their sum), and :meth:`Selection.from_keep` gives at least one slot; known before anything is
+    scored, so a batch's cache can be allocated at its final width before its prefill.
+    """
+    kept = budget(valid_counts, ratio).sum(-1)
+    return max(int(kept.max()) if kept.numel() else 0, 1)
+
+
 def scoring_rows(
     full_text_row_masked_out_mask: torch.Tensor | None,
     attention_mask: torch.Tensor | None,

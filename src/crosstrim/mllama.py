@@ -133,6 +133,28 @@ class TrimHandle:
         """
         return self._calls.scores
 
+    def kept_slots(self, cross_attention_mask: torch.Tensor | None, attention_mask: torch.Tensor | None) -> int | None:
+        """``K``, the kept slots a prefill of these processor inputs selects, known before it runs.
+
+        Fixed-ratio methods keep ``ceil(ratio * valid)`` tokens of every image, and an image's valid
+        tokens are its tiles that some real text row may attend (the processor's ``(B, L, images,
+        tiles)`` mask), so a batch's trimmed cache layers can be allocated at their final width
+        before its prefill (``crosstrim.generate``). ``None`` when the count adapts to the scores
+        (``k_ratio``) or the inputs do not say.
+        """
+        if cross_attention_mask is None or cross_attention_mask.dim() != 4:
+            return None
+        images, tiles = cross_attention_mask.shape[2:]
+        patches = self._segment // self.model.config.vision_config.max_num_tiles
+        if self.config.is_identity:
+            return images * tiles * patches  # ratio 1.0 keeps every slot, padding tiles too
+        if self.config.k_ratio is not None:
+            return None
+        allowed = cross_attention_mask == 1
+        if attention_mask is not None and attention_mask.dim() == 2:
+            allowed &= attention_mask[:, :, None, None].to(allowed.device) != 0
+        return method.fixed_kept_slots(allowed.any(1).sum(-1) * patches, self.config.ratio)
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         del state["_calls"]  # thread-local, belongs to the calls of the original; a copy starts fresh
