@@ -2,7 +2,7 @@
 
 How it hooks in (no modeling code is copied or replaced, attention stays sdpa):
 
-* the text decoder's pre-hook notes this call's 2-D ``attention_mask`` and cache;
+* the text decoder's pre-hook notes this call's real (non-padding) tokens and cache;
 * the first cross-attention layer's ``q_norm``/``k_norm`` hooks capture the queries and keys the
   layer itself computes, and the layer's post-hook scores image tokens from them and selects;
 * every later cross-attention layer's pre-hook swaps in the gathered features and the gathered
@@ -42,7 +42,7 @@ _HANDLE_ATTR = "_crosstrim_handle"
 class _Step:
     """State of one decoder forward call; later cross layers share the gathered tensors."""
 
-    attention_mask: torch.Tensor | None
+    attention_mask: torch.Tensor | None  # (B, L) bool: the call's real (non-padding) tokens
     cache: Any
     input_ids: torch.Tensor | None = None
     images: bool = False  # the call carries image features (a prefill)
@@ -203,7 +203,7 @@ class TrimHandle:
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Under torch.compile the data-dependent selection graph-breaks and runs eagerly, so
-        # compiled models work; only pre-allocated (static) caches are refused.
+        # compiled models work; a static cache is re-sized to a fixed budget's width at the prefill.
         if module.training:
             raise RuntimeError(
                 "crosstrim trims for inference, but the model is in training mode (dropout, and gradient "
@@ -211,10 +211,11 @@ class TrimHandle:
             )
         cache = checks.cache_of(kwargs)
         if not self.config.is_identity:
-            checks.check_cache(cache, self._layers)
+            checks.check_cache(cache, self._layers, self._trimmed, self._static_refusal)
         ids = kwargs.get("input_ids", args[0] if args else None)
         images = kwargs.get("cross_attention_states") is not None
-        self._calls.step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache, input_ids=ids, images=images)
+        real = _real_tokens(kwargs.get("attention_mask"), None if ids is None else ids.shape[1])
+        self._calls.step = _Step(attention_mask=real, cache=cache, input_ids=ids, images=images)
 
     def _capture_query(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         step = self._calls.step
@@ -261,17 +262,55 @@ class TrimHandle:
         # A sample with no image keeps nothing: the batch keeps its trimmed width (README, "Batches").
         dropped = valid & ~keep if self.config.summarize_dropped and not self.config.is_identity else None
         step.selection = method.Selection.from_keep(keep, self._images(tokens), dropped)
+        # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
+        cache = checks.cache_of(kwargs)
+        step.cache = step.cache if cache is None else cache
+        if not self.config.is_identity and self._static(step.cache):
+            step.selection = self._fixed_width(step.cache, step.selection)
         step.prefill = True
         step.query = step.key = None
         valid_counts = valid.sum(-1).tolist()
         kept_counts = (keep & valid).sum(-1).tolist()  # over valid tokens: ratio 1.0 keeps padding slots too
         images = valid.view(batch, step.selection.images, -1).any(-1).sum(-1).tolist()
         self._calls.stats = self._stats(step.selection, kept_counts, valid_counts, images, states.dtype)
-        # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
-        cache = checks.cache_of(kwargs)
-        step.cache = step.cache if cache is None else cache
         if step.cache is not None:
             setattr(step.cache, _SELECTION_ATTR, step.selection)
+
+    @property
+    def _static_refusal(self) -> str | None:
+        """Why a static cache cannot hold the trimmed layers, or ``None``: it can under a fixed budget (the
+        width is known before the prefill) that leaves the first layer's cache whole."""
+        if self.config.k_ratio is not None:
+            return "k_ratio keeps as many tokens as the scores select, not known before the prefill"
+        if self.config.trim_first_layer_cache:
+            return "trim_first_layer_cache cuts the first layer's cache after the prefill filled it at full width"
+        return None
+
+    def _static(self, cache: Any) -> bool:
+        from transformers.cache_utils import StaticLayer
+
+        layers = getattr(cache, "layers", None)
+        return layers is not None and any(type(layers[idx]) is StaticLayer for idx in self._trimmed)
+
+    def _fixed_width(self, cache: Any, selection: method.Selection) -> method.Selection:
+        """A static cache's trimmed layers at the fixed budget's width, and ``selection`` padded to it.
+
+        The width is what every image slot keeps when all its tiles are valid (``ceil(keep_ratio * tiles *
+        tokens)`` per slot), so it depends on the number of image slots only: the same for every batch of
+        that shape, as a compiled decode step wants. Images with fewer tiles keep fewer tokens; their
+        remaining slots are masked padding (zero keys and values, dtype-min mask columns). transformers
+        allocates the cross layers at every image token; each trimmed layer is re-created at the width
+        before the prefill fills it (a layer already at that width is kept: generate resets and re-uses it).
+        """
+        from transformers.cache_utils import StaticLayer
+
+        full = torch.full((1, selection.images), selection.full_tokens // selection.images)
+        padded = selection.padded(method.fixed_kept_slots(full, self.config.ratio))
+        for idx in self._trimmed:
+            layer = cache.layers[idx]
+            if type(layer) is StaticLayer and layer.max_cache_len != padded.width:
+                cache.layers[idx] = StaticLayer(max_cache_len=padded.width)
+        return padded
 
     def _select_per_image(self, scores: torch.Tensor | None, valid: torch.Tensor, tokens: int) -> torch.Tensor:
         """Apply the budget per image, so every image keeps its share (one image: the paper's rule)."""
@@ -307,8 +346,8 @@ class TrimHandle:
         batch, images, _ = valid.shape
         ids = step.input_ids.cpu()
         real = torch.ones_like(ids, dtype=torch.bool)
-        if step.attention_mask is not None and step.attention_mask.dim() == 2:
-            real = step.attention_mask[:, -ids.shape[1] :].cpu() != 0
+        if step.attention_mask is not None:
+            real = step.attention_mask[:, -ids.shape[1] :].cpu()
         valid = valid.cpu()
         seeds = []
         for b in range(batch):
@@ -438,6 +477,24 @@ class TrimHandle:
             image_counts=tuple(images),
             image_slots=selection.images,
         )
+
+
+def _real_tokens(attention_mask: torch.Tensor | None, length: int | None) -> torch.Tensor | None:
+    """``(B, length)`` bool, the call's tokens that are not padding, from the mask the decoder receives.
+
+    generate passes the processor's 2-D mask with a dynamic cache, but a prepared 4-D ``(B, 1, L, KV)``
+    mask with a static one (allowed: True, or 0 in an additive mask); there the last row, the prompt's
+    last (real, under left padding) token, allows exactly the real tokens before it, which a prefill
+    laid out from position 0.
+    """
+    if attention_mask is None or length is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -length:] != 0
+    if attention_mask.dim() == 4:
+        last = attention_mask[:, 0, -1, :length]
+        return last if last.dtype == torch.bool else last == 0
+    return None
 
 
 def trim(model: nn.Module, config: TrimConfig | None = None) -> TrimHandle:
