@@ -42,7 +42,7 @@ _HANDLE_ATTR = "_crosstrim_handle"
 class _Step:
     """State of one decoder forward call; later cross layers share the gathered tensors."""
 
-    attention_mask: torch.Tensor | None  # (B, L) bool: the call's real (non-padding) tokens
+    attention_mask: torch.Tensor | None  # as the decoder got it: 2-D, or 4-D with a static cache
     cache: Any
     input_ids: torch.Tensor | None = None
     images: bool = False  # the call carries image features (a prefill)
@@ -214,8 +214,7 @@ class TrimHandle:
             checks.check_cache(cache, self._layers, self._trimmed, self._static_refusal)
         ids = kwargs.get("input_ids", args[0] if args else None)
         images = kwargs.get("cross_attention_states") is not None
-        real = _real_tokens(kwargs.get("attention_mask"), None if ids is None else ids.shape[1])
-        self._calls.step = _Step(attention_mask=real, cache=cache, input_ids=ids, images=images)
+        self._calls.step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache, input_ids=ids, images=images)
 
     def _capture_query(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         step = self._calls.step
@@ -250,7 +249,11 @@ class TrimHandle:
         device = step.key.device if step.key is not None else mask.device
         mask = mask.to(device)
         rows = method.scoring_rows(
-            kwargs.get("full_text_row_masked_out_mask"), step.attention_mask, batch, length, device
+            kwargs.get("full_text_row_masked_out_mask"),
+            _real_tokens(step.attention_mask, length),
+            batch,
+            length,
+            device,
         )
         valid = method.valid_tokens(mask, rows)
         scores = None
@@ -346,8 +349,9 @@ class TrimHandle:
         batch, images, _ = valid.shape
         ids = step.input_ids.cpu()
         real = torch.ones_like(ids, dtype=torch.bool)
-        if step.attention_mask is not None:
-            real = step.attention_mask[:, -ids.shape[1] :].cpu()
+        mask = _real_tokens(step.attention_mask, ids.shape[1])
+        if mask is not None:
+            real = mask.cpu()
         valid = valid.cpu()
         seeds = []
         for b in range(batch):
