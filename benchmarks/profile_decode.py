@@ -46,8 +46,10 @@ def module_timers(model, spans: dict) -> list:
                 module.register_forward_pre_hook(lambda m, a, start=start: start.update(t=time.perf_counter()))
             )
 
-            def done(m, a, o, name=name, start=start):
-                spans[name] += time.perf_counter() - start["t"]
+            def done(m, a, o, name=name, start=start, idx=idx):
+                spent = time.perf_counter() - start["t"]
+                spans[name] += spent
+                spans[f"{name} {idx}"] += spent
 
             handles.append(module.register_forward_hook(done))
     return handles
@@ -113,7 +115,8 @@ def eager_breakdown(model, mm, args) -> dict:
                     continue
                 parts = {k: spans[k] for k in PARTS[:4]}
                 parts["rest"] = total - sum(parts.values())
-                for key, value in {**parts, "step": total}.items():
+                layers = {k: v for k, v in spans.items() if k[-1].isdigit()}
+                for key, value in {**parts, "step": total, **layers}.items():
                     samples[name][key].append(value)
     finally:
         for h in timers:
@@ -187,7 +190,10 @@ def main() -> None:
     eager = eager_breakdown(model, mm, args)
     print("eager decode step, ms (median of steps): " + ", ".join([*PARTS, "step"]))
     for name, parts in eager.items():
-        print(f"  {name:>10}: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in parts.items()))
+        print(f"  {name:>10}: " + ", ".join(f"{k} {parts[k] * 1e3:.1f}" for k in [*PARTS, "step"]))
+    for name, parts in eager.items():
+        layers = sorted((k for k in parts if k[-1].isdigit()), key=lambda k: int(k.split()[-1]))
+        print(f"  {name:>10} by layer: " + ", ".join(f"{k} {parts[k] * 1e3:.1f}" for k in layers))
     names = list(eager)
     ratio = eager[names[0]]["step"] / eager[names[1]]["step"]
     print(f"  step full / trimmed at the same batch: {ratio:.3f} (tokens/s trimmed / full)")
