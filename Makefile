@@ -11,7 +11,7 @@ OLDEST_VENV ?= .venv-oldest
 OLDEST_TRANSFORMERS ?= transformers==4.57.3
 OLDEST_BIN := $(OLDEST_VENV)/bin
 CORE_TESTS := tests/test_method.py tests/test_mllama.py tests/test_memory.py tests/test_cli.py tests/test_reliability.py \
-	tests/test_generation.py tests/test_batch.py tests/test_config.py
+	tests/test_generation.py tests/test_batch.py tests/test_config.py tests/test_registry.py tests/test_layout.py
 export TORCH_PINS := import torch; v = torch.__version__.split("+")[0]; print(f"torch=={v} torchvision==0.{int(v.split('.')[1]) + 15}.*")
 
 .PHONY: demo test test-oldest lint venv venv-oldest clean
@@ -49,7 +49,7 @@ test: venv
 	$(BIN)/python -m pytest
 	$(MAKE) test-oldest
 
-# The core suites (method, integration, memory, CLI, reliability) against the oldest supported transformers.
+# The core suites (method, registry, integration, memory, CLI, reliability, layout) against the oldest supported transformers.
 test-oldest: venv-oldest
 	$(OLDEST_BIN)/python -m pytest $(CORE_TESTS)
 

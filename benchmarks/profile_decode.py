@@ -7,7 +7,7 @@ once, then decodes ``--steps`` greedy steps exactly as generate's loop calls the
 growing 2-D mask, the last row of the 4-D cross-attention mask, the cache); variants alternate step by
 step so slow drifts of a shared machine hit them alike, and each module's time is the median over steps
 of wall time between its forward pre-hook and hook (one thread: nothing overlaps). crosstrim's hooks are
-timed by wrapping :class:`crosstrim.mllama.TrimHandle`'s hook methods. Run pinned to one core, e.g.::
+timed by wrapping :class:`crosstrim.engine.handle.TrimHandle`'s hook methods. Run pinned to one core, e.g.::
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/profile_decode.py --batch 8 --steps 6
 
@@ -27,16 +27,19 @@ from collections import defaultdict
 import torch
 
 import crosstrim
-from crosstrim import memory, mllama
+from crosstrim.adapters import adapter_for
 from crosstrim.bench import measure
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
+from crosstrim.engine import handle as engine
+from crosstrim.engine import memory
+from crosstrim.engine.cache import cache_argument
 
 PARTS = ("self-attn", "cross-attn", "mlp", "crosstrim hooks", "rest")
 
 
 def module_timers(model, spans: dict) -> list:
     """Pre/post hooks that add each module kind's wall time of the current step to ``spans``."""
-    handles, text = [], model.model.language_model
+    handles, text = [], adapter_for(model).decoder(model)
     for idx, layer in enumerate(text.layers):
         cross = idx in text.config.cross_attention_layers
         attn = layer.cross_attn if cross else layer.self_attn
@@ -59,7 +62,7 @@ def timed_hooks(spans: dict) -> list:
     """Wrap TrimHandle's hook methods (before trimming binds them) so their time lands in ``spans``."""
     restore = []
     for name in ("_begin", "_end", "_gather", "_select", "_capture_query", "_capture_key"):
-        original = getattr(mllama.TrimHandle, name)
+        original = getattr(engine.TrimHandle, name)
 
         @functools.wraps(original)
         def wrapped(self, *args, original=original, **kwargs):
@@ -69,7 +72,7 @@ def timed_hooks(spans: dict) -> list:
             finally:
                 spans["crosstrim hooks"] += time.perf_counter() - start
 
-        setattr(mllama.TrimHandle, name, wrapped)
+        setattr(engine.TrimHandle, name, wrapped)
         restore.append((name, original))
     return restore
 
@@ -89,7 +92,7 @@ def eager_breakdown(model, mm, args) -> dict:
             if handle is not None:
                 handle.remove()
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            state[name] = [out[measure.cache_argument()], token, inputs["attention_mask"], config]
+            state[name] = [out[cache_argument(model)], token, inputs["attention_mask"], config]
         cross_mask = inputs["cross_attention_mask"][:, -1:]
         del inputs, out
         for step in range(args.steps + 1):  # the first step warms up
@@ -105,7 +108,7 @@ def eager_breakdown(model, mm, args) -> dict:
                         attention_mask=mask,
                         cross_attention_mask=cross_mask,
                         use_cache=True,
-                        **{measure.cache_argument(): cache},
+                        **{cache_argument(model): cache},
                     )
                 total = time.perf_counter() - start
                 if handle is not None:
@@ -122,7 +125,7 @@ def eager_breakdown(model, mm, args) -> dict:
         for h in timers:
             h.remove()
         for name, original in restore:
-            setattr(mllama.TrimHandle, name, original)
+            setattr(engine.TrimHandle, name, original)
     return {name: {k: statistics.median(v) for k, v in parts.items()} for name, parts in samples.items()}
 
 

@@ -21,7 +21,7 @@ The prediction, :class:`Footprint`, in bytes::
   projected features, the first cross layer's K/V expanded to every query head, scoring), measured by
   running a batch of N alone.
 
-No layer is held twice: :class:`crosstrim.generation._CacheMerger` writes every micro-batch's cache into
+No layer is held twice: the cache merger of :mod:`crosstrim.engine.generation` writes every micro-batch's cache into
 whole-batch buffers and releases it (a fixed-ratio budget's trimmed width is known before the prefill), so
 no term grows with the batch beyond the KV and the inputs.
 """
@@ -35,10 +35,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 import crosstrim
-from crosstrim import memory
+from crosstrim.adapters import adapter_for
 from crosstrim.bench import probe as probes
-from crosstrim.bench.measure import Clock, add_timers, cache_argument, peak, reset_peak
-from crosstrim.config import TrimConfig
+from crosstrim.bench.measure import Clock, add_timers, peak, reset_peak
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
+from crosstrim.engine.cache import cache_argument
 
 GB = 1e9
 
@@ -112,8 +114,8 @@ def run_generate(model, config: TrimConfig | None, inputs: dict, steps: int, pre
     finally:
         for h in handles:
             h.remove()
-    layers = model.model.language_model.layers
-    kv = memory.held_kv_bytes(getattr(out, cache_argument()), model.config.text_config.cross_attention_layers)
+    layers = adapter_for(model).decoder(model).layers
+    kv = memory.held_kv_bytes(getattr(out, cache_argument(model)), model.config.text_config.cross_attention_layers)
     decode = [b - a for a, b in zip(streamer.marks[1:], streamer.marks[2:])]  # marks: prompt, token 1, 2, ...
     layer = [statistics.median(clock.seconds(a, b) for a, b in spans[i][-steps:]) for i in range(len(layers))]
     stats = handle.stats if handle is not None else None

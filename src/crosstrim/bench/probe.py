@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ModelSpec:
     so every probe holds the same weights)."""
 
     device: str
-    dtype: str  # a name in crosstrim.evaluation.checkpoint.DTYPES
+    dtype: str  # a name in crosstrim.engine.memory.DTYPES
     seed: int
     threads: int | None = None
     checkpoint: str | None = None
@@ -39,14 +39,15 @@ class ModelSpec:
 
     def build(self):
         from crosstrim.bench.measure import random_model
-        from crosstrim.evaluation import checkpoint
+        from crosstrim.engine.memory import DTYPES
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)
-        if self.checkpoint is not None:
-            return checkpoint.load(self.checkpoint, self.device, self.dtype)[0]
-        dtype = checkpoint.DTYPES[self.dtype]
-        device = torch.device(self.device)
+        dtype, device = DTYPES[self.dtype], torch.device(self.device)
+        if self.checkpoint is not None:  # checked by the bench command before any probe runs
+            from transformers import MllamaForConditionalGeneration
+
+            return MllamaForConditionalGeneration.from_pretrained(self.checkpoint, dtype=dtype).to(device).eval()
         model = random_model(
             self.dims, self.layers, list(self.cross), self.vocab, device, dtype, self.seed, self.real_vision
         )
@@ -91,9 +92,9 @@ def run(probe: Probe) -> dict:
 
 def main() -> None:
     """Read a :class:`Probe` as JSON on stdin, run it, print the measurement as one JSON line."""
-    from crosstrim import memory
     from crosstrim.bench.capacity import run_generate
     from crosstrim.bench.measure import Clock, pixel_inputs, reset_peak
+    from crosstrim.engine import memory
 
     payload = json.loads(sys.stdin.read())
     spec = payload.pop("model")

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from crosstrim import memory
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
 
 
 @dataclass(frozen=True)

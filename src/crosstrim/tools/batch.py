@@ -16,7 +16,7 @@ they do not depend on the batch the request came in.
 
 With ``--memory-budget GB`` the batch size is the largest whose run keeps this process's peak memory
 (resident set on CPU, allocated on GPU) within the budget: what the process holds once the model is
-loaded, plus per request its KV cache (from the memory model, :mod:`crosstrim.memory`: the longest
+loaded, plus per request its KV cache (from the memory model, :mod:`crosstrim.engine.memory`: the longest
 request's prompt plus ``--max-new-tokens``, the most images any request has, every tile) and its
 inputs, plus the peak of one prefill micro-batch, measured on the first requests. The prefill runs
 ``--prefill-batch-size`` requests at a time through :func:`crosstrim.generate`, so its activations
@@ -35,13 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import crosstrim
-from crosstrim import memory
-from crosstrim.config import TrimConfig
-from crosstrim.evaluation import UserError, checkpoint, options
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model, progress_bar
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
+from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import answer_texts, encode, greedy
-from crosstrim.evaluation.options import progress_bar
-from crosstrim.testbed import load_model
 
 GB = 1e9
 DEFAULT_BATCH = 8
