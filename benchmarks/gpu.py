@@ -1,14 +1,18 @@
 """Every GPU figure crosstrim needs, in one run of under 10 minutes on one H200 (or one 80 GB GPU).
 
-    python benchmarks/gpu.py             # on a CUDA machine: writes benchmarks/results/gpu-*
-    python benchmarks/gpu.py --smoke     # CPU, tiny dimensions, to a temporary folder: checks this script
+    PYTHONPATH=src python benchmarks/gpu.py          # on a CUDA machine: writes benchmarks/results/gpu-*
+    PYTHONPATH=src python benchmarks/gpu.py --smoke  # CPU, tiny dimensions, to a temporary folder
+
+(crosstrim installed, or ``PYTHONPATH=src`` for this checkout's.)
 
 Three steps, each writing its files as it finishes, so a run cut short keeps what it measured:
 
 1. correctness on the device: trimmed logits vs the masked reference (``tests/support.py``: the unpatched
    model with every dropped image token masked) on a random tiny model, in float32 and bfloat16, for the
    paper's rule, an exact fraction and a trimmed first-layer cache; and ``crosstrim.generate`` micro-batched
-   vs one-shot greedy tokens. Tolerances on max |logit difference|: float32 1e-4 (TF32 off; the CPU tests hold
+   vs one-shot greedy tokens; a fixed budget with a static cache vs the dynamic cache, greedy tokens, eager and
+   under ``torch.compile`` (inductor on the GPU, the "eager" backend in the smoke run). Tolerances on max
+   |logit difference|: float32 1e-4 (TF32 off; the CPU tests hold
    1e-5, GPU kernels reduce in other orders); bfloat16 8 units in the last place of the largest logit,
    ``8 * 2**-7 * max|logit|`` (bf16 carries 8 significant bits, and trimmed and reference sum attention over
    different lengths, so they round differently); the smoke run on CPU measured 2e-3 in bf16;
@@ -23,6 +27,7 @@ Nothing here is a figure until it ran on a GPU; the smoke run writes only to a t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,8 +39,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = str(ROOT / "src")  # this checkout's crosstrim, installed or not
-sys.path[:0] = [SOURCE, str(ROOT / "tests")]  # the masked reference lives with the tests
+SOURCE = str(ROOT / "src")  # this checkout's crosstrim, for the bench subprocesses
 
 ULP = {torch.float32: None, torch.bfloat16: 2**-7}  # bf16: relative spacing of values in [1, 2)
 BATCH = [  # (tiles per image, prompt) for the tiny processor: several images, padding tiles, left padding
@@ -45,9 +49,20 @@ BATCH = [  # (tiles per image, prompt) for the tiny processor: several images, p
 ]
 
 
+def load_test_support():
+    """``tests/support.py`` (the masked reference lives with the tests), loaded from its file: no import path
+    of this process changes."""
+    spec = importlib.util.spec_from_file_location("crosstrim_test_support", ROOT / "tests" / "support.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def correctness(device: torch.device) -> dict:
-    """Trimmed vs masked reference (logits, every dtype), micro-batched vs one-shot generate (tokens)."""
-    from support import inputs, masked_reference, positions
+    """Trimmed vs masked reference (logits, every dtype), micro-batched vs one-shot generate (tokens), static
+    cache vs dynamic (tokens, eager and compiled)."""
+    support = load_test_support()
+    inputs, masked_reference, positions = support.inputs, support.masked_reference, support.positions
 
     import crosstrim
     from crosstrim import tiny
@@ -87,6 +102,21 @@ def correctness(device: torch.device) -> dict:
     same = torch.equal(one_shot, micro)
     print(f"  crosstrim.generate(prefill_batch_size=2) == model.generate, greedy tokens: {same}", flush=True)
     results.append({"dtype": "torch.float32", "config": "generate micro-batched vs one-shot", "ok": same})
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(backend="inductor" if device.type == "cuda" else "eager")
+    compile_config._compile_all_devices = True  # CPU smoke run: transformers compiles on GPU only unless told
+    static = {**greedy, "cache_implementation": "static"}
+    for label, extra in (
+        ("eager", {}),
+        (f"torch.compile {compile_config.backend}", {"compile_config": compile_config}),
+    ):
+        with crosstrim.trimmed(model, configs[1]):
+            dynamic = model.generate(**feed, **greedy)
+            fixed = model.generate(**feed, **static, **extra)
+        same = torch.equal(dynamic, fixed)
+        print(f"  keep_ratio with a static cache ({label}) == dynamic cache, greedy tokens: {same}", flush=True)
+        results.append({"dtype": "torch.float32", "config": f"static cache {label} vs dynamic", "ok": same})
     return {"device": str(device), "checks": results, "ok": all(r["ok"] for r in results)}
 
 

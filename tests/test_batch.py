@@ -196,13 +196,18 @@ def test_an_answers_file_of_other_requests_is_refused(capsys, checkpoint_dir, re
     assert code == 2 and "answers id 'elsewhere', which is not in the requests" in err
 
 
-def test_memory_budget_picks_the_batch_the_memory_model_allows(capsys, checkpoint_dir, requests, tmp_path):
+def test_memory_budget_picks_the_batch_the_memory_model_allows(capsys, checkpoint_dir, requests, tmp_path, monkeypatch):
+    """held + B (KV + inputs) + transient <= budget; this process's held and peak are fixed here (the
+    subprocess test below checks them for real)."""
+    from crosstrim.bench import measure
+
+    held, transient = 1_000_000_000, 50_000_000
+    monkeypatch.setattr(measure, "reset_peak", lambda device: held)
+    monkeypatch.setattr(measure, "peak", lambda device: held + transient)  # calibration: one micro-batch's peak
     model, processor = checkpoint.load(checkpoint_dir, "cpu", "float32")
     mm = memory.MemoryModel.from_config(model.config)
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     texts = [checkpoint.format_prompt(processor, r["prompt"], len(r["images"])) for r in read(requests)]
     text_tokens = max(len(processor.tokenizer(t)["input_ids"]) for t in texts) + 3
-    budget_gb = (weights + 3.5 * mm.kv_bytes("float32", text_tokens=text_tokens, images=2).total) / 1e9
 
     def planned(*trim):
         code, _, err = run_batch(
@@ -217,20 +222,28 @@ def test_memory_budget_picks_the_batch_the_memory_model_allows(capsys, checkpoin
         assert code == 0, err
         return int(re.search(r"batch (\d+) from --memory-budget", err).group(1))
 
-    assert planned("--keep-ratio", "1") == 3  # untrimmed: 3.5 requests' KV fit
+    # One request's inputs (the one with two images) and the calibration micro-batch's (one request) share.
+    rows = read(requests)
+    widest = max(rows, key=lambda r: len(r["images"]))
+    pictures = tuple(checkpoint.load_image(requests.parent / path) for path in widest["images"])
+    inputs = sum(t.nbytes for t in encode(processor, [Item("w", pictures, widest["prompt"], "", "")], "cpu").values())
+    full = mm.kv_bytes("float32", text_tokens=text_tokens, images=2).total + inputs
+    budget_gb = (held + transient - inputs + 3.5 * full) / 1e9  # the calibration's peak less its inputs: 3.5 fit
+
+    def expected(r):
+        per_request = mm.kv_bytes("float32", text_tokens=text_tokens, images=2, r=r).total + inputs
+        return math.floor((budget_gb * 1e9 - held - (transient - inputs)) / per_request)
+
+    assert planned("--keep-ratio", "1") == expected(1.0) == 3  # untrimmed: 3.5 requests (KV + inputs) fit
     assert planned("--k-ratio", "0.1") == 3  # the k_ratio share is unknown ahead: planned as keeping everything
-    per_request = mm.kv_bytes("float32", text_tokens=text_tokens, images=2, r=0.25).total
-    assert planned("--keep-ratio", "0.25") == math.floor((budget_gb * 1e9 - weights) / per_request) > 3
+    assert planned("--keep-ratio", "0.25") == expected(0.25) > 3
 
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--memory-budget", "0.0001")
-    assert code == 2 and "holds no request: weights" in err
+    assert code == 2 and "holds no request: held" in err
     # Numbers that explain: each in the unit that fits it, never rounded to zero (issue 19, item 12).
-    kv = mm.kv_bytes("float32", text_tokens=text_tokens, images=2).total
-    assert (
-        f"weights {memory.format_bytes(weights)} + one request's KV cache {memory.format_bytes(kv)} = "
-        f"{memory.format_bytes(weights + kv)}" in err
-    )
-    assert re.search(r"weights [1-9][\d.]* [KM]B \+ one request's KV cache [1-9][\d.]* [KM]B", err), err
+    assert re.search(
+        r"held [1-9][\d.]* [KMG]?B \+ B x \([1-9][\d.]* [KMG]?B KV \+ [1-9][\d.]* [KMG]?B inputs\)", err
+    ), err
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--memory-budget", "-1")
     assert code == 2 and "--memory-budget must be a positive number" in err
     code, _, err = run_batch(capsys, checkpoint_dir, requests, tmp_path / "x.jsonl", "--prefill-batch-size", "0")
@@ -531,3 +544,66 @@ def test_a_resume_with_a_changed_model_folder_is_refused(capsys, checkpoint_dir,
     (model / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.5}))
     code, _, err = run_batch(capsys, model, requests, out)
     assert code == 2 and "holds answers made with other settings (model files " in err
+
+
+def parse_bytes(text: str) -> float:
+    """``'52.22 MB'`` -> 52.22e6: the inverse of ``memory.format_bytes`` (four significant digits)."""
+    number, unit = text.split()
+    return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+
+def test_memory_budget_keeps_the_peak_of_its_own_process_within_the_budget(tmp_path):
+    """The promise itself: `crosstrim batch --memory-budget` in a fresh process, default allocator, a budget that
+    binds (about 8 of 16 requests), and the process's peak resident set stays within it. A model with a
+    1028-token image (4 tiles of 224 px) makes every request's KV and pixels megabytes, not allocator noise."""
+    import subprocess
+    import sys
+
+    from crosstrim import tiny
+
+    model, processor = tiny.random_model(seed=0, image_size=224, patch_size=14, text_hidden=512, heads=8, kv_heads=8)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(16):
+        rng = torch.Generator().manual_seed(i)
+        pixels = torch.randint(0, 255, (448, 448, 3), generator=rng, dtype=torch.uint8).numpy()
+        __import__("PIL.Image").Image.fromarray(pixels).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"id": f"r{i}", "images": [f"img/{i}.png"], "prompt": "<|image|> what is the color ?"})
+    write(tmp_path / "requests.jsonl", rows)
+    wrapper = (
+        "import re, sys, pathlib; from crosstrim.cli import main; code = main(sys.argv[1:]); "
+        "status = pathlib.Path('/proc/self/status').read_text(); "
+        "print('VmHWM', int(re.search(r'VmHWM:\\s+(\\d+) kB', status)[1]) * 1024, file=sys.stderr); sys.exit(code)"
+    )
+
+    def run(budget_gb: float, out: str):
+        argv = ["batch", "--model", tmp_path / "model", "--requests", tmp_path / "requests.jsonl", "--out"]
+        argv += [tmp_path / out, "--device", "cpu", "--max-new-tokens", "3", "--keep-ratio", "0.25"]
+        argv += ["--memory-budget", repr(budget_gb)]
+        done = subprocess.run(
+            [sys.executable, "-c", wrapper, *map(str, argv)],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        size = r"([\d.]+ [KMG]?B)"
+        plan = re.search(
+            rf"batch (\d+) from .*: held {size} \+ B x \({size} KV \+ {size} inputs\) \+ transient {size} "
+            rf"\(predicted peak {size}",
+            done.stderr,
+        )
+        peak = int(re.search(r"VmHWM (\d+)", done.stderr)[1])
+        held, kv, inputs, transient = (parse_bytes(plan[i]) for i in range(2, 6))
+        return int(plan[1]), held, kv + inputs, transient, peak
+
+    _, held, per_request, transient, _ = run(100.0, "probe.jsonl")  # every request fits: read the terms
+    budget = held + transient + 8.9 * per_request  # 8 requests, 0.9 of one (8 MB) left for what the model misses
+    batch, _, _, _, peak = run(budget / 1e9, "answers.jsonl")
+    assert 6 <= batch <= 10 < 16  # the budget binds
+    assert len(read(tmp_path / "answers.jsonl")) == 16
+    print(f"budget {budget / 1e9:.3f} GB, batch {batch}, peak {peak / 1e9:.3f} GB ({peak / budget:.1%} of the budget)")
+    assert peak <= budget

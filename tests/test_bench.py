@@ -1,13 +1,12 @@
 """`crosstrim bench` end to end on tiny models (seconds), its search and depth helpers, and its errors."""
 
-import argparse
 import json
+import os
 
 import pytest
 import torch
 from support import run_cli
 
-import crosstrim
 from crosstrim import tiny
 from crosstrim.bench import capacity, summary, vision
 from crosstrim.bench.measure import Clock, status_bytes
@@ -67,29 +66,26 @@ def test_bench_runs_on_a_checkpoint_directory(capsys, tmp_path, checkpoint_dir):
     assert result["samples"][1]["valid"] == [4 * 17]  # every tile of the checkpoint's 4 x 17-token image slot
 
 
-def test_memory_budget_search_reports_predicted_and_measured(capsys, tmp_path, monkeypatch):
-    calls, generate = [], crosstrim.generate
-
-    def recorded(model, *, prefill_batch_size, **kwargs):
-        calls.append((len(kwargs["input_ids"]), prefill_batch_size, "pixel_values" in kwargs))
-        return generate(model, prefill_batch_size=prefill_batch_size, **kwargs)
-
-    monkeypatch.setattr(crosstrim, "generate", recorded)
+def test_memory_budget_search_reports_predicted_and_measured(capsys, tmp_path):
     argv = [*ARGS[:6], "--keep-ratios", "0.25", "--decode-steps", "1", "--repeats", "1", "--threads", "1"]
     budget_gb = f"{status_bytes('VmRSS') / 1e9 + 0.5:.2f}"  # what this process holds + 0.5 GB: always available
     argv += ["--memory-budget", budget_gb, "--max-batch", "3", "--prefill-batch-size", "2"]
     code, out, err = run_cli(capsys, "bench", *argv, "--out", tmp_path)
     assert code == 0, err
+    budget = json.loads((tmp_path / "bench-tiny-L4-cpu.json").read_text())["memory_budget"]
     # Every probe is a user's call: pixels in, micro-batched prefill; per variant a calibration (one micro-batch),
     # then the search from the prediction (capped at 3).
+    calls = [tuple(call) for b in budget for call in b["calls"]]
     assert calls == [(2, 2, True), (3, 2, True)] * 3
-    budget = json.loads((tmp_path / "bench-tiny-L4-cpu.json").read_text())["memory_budget"]
+    # ... each in a fresh process of its own (default allocator, no history of other runs).
+    pids = [pid for b in budget for pid in b["pids"]]
+    assert len(set(pids)) == len(pids) == 6 and os.getpid() not in pids
     assert [b["variant"] for b in budget] == ["full", "keep 0.25", "k_ratio 0.25"]  # the paper's rule searched too
     assert all(b["measured"] == 3 and b["predicted"] > 3 for b in budget)  # the tiny model fits; capped at 3
     assert "largest batch predicted" in out
     assert "KV cache bytes of every calibration run == memory model: yes" in out
     for b in budget:  # every probe ran crosstrim.generate: a peak, a time to first token, every decode step
-        assert set(b["footprint"]) == {"held", "kv", "inputs", "transient", "merge"}
+        assert set(b["footprint"]) == {"held", "kv", "inputs", "transient"}
         assert len(b["at_largest"]["decode_s"]) == 1 and b["tok_s"] == pytest.approx(3 / b["decode_s"])
         assert 0 < b["at_largest"]["peak_bytes"] <= float(budget_gb) * 1e9
     assert budget[1]["footprint"]["kv"] < budget[0]["footprint"]["kv"]  # trimmed: a smaller cache per sample
@@ -97,22 +93,13 @@ def test_memory_budget_search_reports_predicted_and_measured(capsys, tmp_path, m
     assert (tmp_path / "bench-tiny-L4-cpu-capacity.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_footprint_counts_the_merge_and_the_transient():
-    fp = capacity.Footprint(held=10, kv=3, inputs=1, transient=5, merge=2)
-    assert fp.peak(4) == 10 + 4 * 4 + max(5, 4 * 2)
-    assert fp.largest_batch(34) == 4 and fp.largest_batch(33) == 3  # at 4 the merge (8) outgrows the transient (5)
-    no_merge = capacity.Footprint(held=10, kv=3, inputs=1, transient=5, merge=0)
-    assert no_merge.largest_batch(30) == 3 and no_merge.largest_batch(31) == 4
-    assert fp.largest_batch(14) == 0  # not even one sample
-
-
-def test_merge_holds_one_trimmed_layers_keys_of_the_batch_twice():
-    """crosstrim.generate fills the layers every micro-batch shares in place; only the trimmed layers, whose
-    widths differ per micro-batch, are joined at the end, one layer at a time."""
-    mm = memory.MemoryModel.from_config(tiny.tiny_config(512, text_layers=4, cross_attention_layers=[1, 3]))
-    keys = mm.kv_bytes_per_token(torch.float32) // 2
-    assert capacity.merge_bytes(mm, torch.float32, kept=None) == 0
-    assert capacity.merge_bytes(mm, torch.float32, kept=17) == keys * 17
+def test_footprint_counts_the_kv_the_inputs_and_the_transient():
+    """No term grows with the batch beyond KV and inputs: crosstrim.generate holds no layer twice (tests in
+    test_generation)."""
+    fp = capacity.Footprint(held=10, kv=3, inputs=1, transient=5)
+    assert fp.peak(4) == 10 + 4 * 4 + 5
+    assert fp.largest_batch(30) == 3 and fp.largest_batch(31) == 4
+    assert fp.largest_batch(18) == 0  # not even one sample
 
 
 def test_decode_time_model_recovers_linear_layer_costs():
@@ -136,17 +123,18 @@ def test_compose_predicts_the_full_depth_batch_gain(monkeypatch):
     monkeypatch.setattr(capacity, "full_weights_bytes", lambda dims, dtype: 21_340_441_670)  # 11B, bf16, counted
     ref, dtype = memory.preset("11b"), torch.bfloat16
     mm = memory.MemoryModel.from_config(memory.preset_config("11b"))
-    args = argparse.Namespace(trim_first_layer_cache=False, text_values=[32], decode_steps=2, full_depth_budget=80)
-    args.dims = "11b"
-    fp = {"held": 3e9, "kv": 0, "inputs": 7_690_000, "transient": 4e8, "merge": 0}
+    plan = capacity.Search(
+        5, text=32, decode_steps=2, prefill_batch=1, max_batch=9, seed=0, trim_first_layer_cache=False
+    )
+    fp = {"held": 3e9, "kv": 0, "inputs": 7_690_000, "transient": 4e8}
     results = [
         {"variant": v, "kept_fraction": r, "footprint": fp, "measured": 1} for v, r in [("full", 1), ("k", 0.25)]
     ]
-    rows = capacity.compose(results, mm, ref, args, dtype, weights=2_020_000_000, vision={"transient_bytes": 2e9})
+    rows = capacity.compose(results, mm, ref, plan, 80, dtype, weights=2_020_000_000, vision={"transient_bytes": 2e9})
     held = 21_340_441_670 + 3e9 - 2_020_000_000
-    for row, r, kept in zip(rows, (1.0, 0.25), (None, 1601)):
+    for row, r in zip(rows, (1.0, 0.25)):
         kv = ref.kv_bytes(dtype, text_tokens=34, r=r).total
-        want = capacity.Footprint(held, kv, 7_690_000, 2e9, capacity.merge_bytes(ref, dtype, kept))
+        want = capacity.Footprint(held, kv, 7_690_000, 2e9)
         assert row["batch"] == want.largest_batch(80e9) > 0
     assert 2.0 < rows[1]["batch_ratio"] < 2.9  # 210 MB -> 72 MB of cross KV, less the untrimmed inputs
     assert "tok_s" not in rows[0]  # no decode times measured: no tokens/s composed

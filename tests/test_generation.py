@@ -235,6 +235,92 @@ def test_untrimmed_layers_are_merged_in_place_and_each_micro_batch_released():
     assert torch.equal(merged.layers[0].keys, expected)
 
 
+def test_trimmed_layers_are_written_in_place_and_no_piece_is_held_twice():
+    """Trimmed layers, whose width each micro-batch's selection decides, also go into one whole-batch store as
+    micro-batches arrive: a wider micro-batch moves the rows already written inside the store, each piece is
+    released once copied, and the merged layer is the one-shot layout (kept slots, zeros, summary slots)."""
+    from types import SimpleNamespace
+
+    from crosstrim.core import Selection
+    from crosstrim.engine.generation import _CacheMerger
+
+    def part(kept_rows, seed):
+        keep = torch.zeros(len(kept_rows), 6, dtype=torch.bool)
+        for row, kept in enumerate(kept_rows):
+            keep[row, :kept] = True
+        selection = Selection.from_keep(keep, images=2, dropped=~keep)  # summary slots too
+        torch.manual_seed(seed)
+        shape = (len(kept_rows), 2, selection.width, 3)
+        layer = SimpleNamespace(keys=torch.randn(shape), values=torch.randn(shape))
+        return SimpleNamespace(layers=[layer]), selection
+
+    parts = [part([2], 0), part([3], 1), part([1], 2)]  # the second keeps more than the first
+    expected = torch.cat([s.widen(c.layers[0].keys, 3, dim=2) for c, s in parts])
+    merger = _CacheMerger(batch=3, trimmed={0})  # k_ratio: the width is not known before the prefill
+    for start, (cache, selection) in enumerate(parts):
+        merger.add(cache, start, selection)
+        assert cache.layers[0].keys is None and cache.layers[0].values is None  # released once copied
+    buffer = merger.buffers[0, "keys"]
+    store = buffer.store.untyped_storage().data_ptr()
+    merged = merger.finish([s for _, s in parts])
+    assert merged is parts[0][0]
+    assert torch.equal(merged.layers[0].keys, expected)
+    assert merged.layers[0].keys.untyped_storage().data_ptr() == store  # written in place, never joined
+    assert buffer.reallocations == 0  # slack ceil(2 * 1 / 3) = 1 slot took the wider micro-batch
+    # Capacity: the widest layer plus one micro-batch's slack, nothing more.
+    assert buffer.store.numel() == 3 * 2 * (3 + 2) * 3
+
+    # Known width (fixed ratio): the store is exactly the merged layer from the first micro-batch on.
+    parts = [part([3], 0), part([2], 1), part([3], 2)]
+    merger = _CacheMerger(batch=3, trimmed={0}, kept_slots=3)
+    for start, (cache, selection) in enumerate(parts):
+        merger.add(cache, start, selection)
+    buffer = merger.buffers[0, "values"]
+    merged = merger.finish([s for _, s in parts])
+    assert buffer.store.numel() == merged.layers[0].values.numel()
+    assert torch.equal(
+        merged.layers[0].values,
+        torch.cat(
+            [
+                s.widen(c, 3, dim=2)
+                for c, s in [
+                    (part([3], 0)[0].layers[0].values, parts[0][1]),
+                    (part([2], 1)[0].layers[0].values, parts[1][1]),
+                    (part([3], 2)[0].layers[0].values, parts[2][1]),
+                ]
+            ]
+        ),
+    )
+
+    # A micro-batch wider than the store's room re-allocates once, and the layout stays right.
+    parts = [part([1], 0), part([4], 1), part([2], 2)]
+    merger = _CacheMerger(batch=3, trimmed={0})
+    for start, (cache, selection) in enumerate(parts):
+        merger.add(cache, start, selection)
+    buffer = merger.buffers[0, "keys"]
+    merged = merger.finish([s for _, s in parts])
+    assert buffer.reallocations == 1
+    fresh = [part([1], 0), part([4], 1), part([2], 2)]
+    assert torch.equal(merged.layers[0].keys, torch.cat([s.widen(c.layers[0].keys, 4, dim=2) for c, s in fresh]))
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c is not None and c.keep_ratio is not None], ids=describe)
+def test_fixed_ratio_caches_are_allocated_at_their_final_width(model, two_images, config, monkeypatch):
+    """A fixed-ratio budget's width is known before the prefill (TrimHandle.kept_slots), so no row of a
+    trimmed layer ever moves: the store is the merged layer from the first micro-batch on."""
+    from crosstrim.engine.generation import _SlotBuffer
+
+    def moved(self, kept):
+        raise AssertionError(f"a trimmed layer was re-laid out from {self.width} to {kept} slots")
+
+    monkeypatch.setattr(_SlotBuffer, "_relayout", moved)
+    with crosstrim.trimmed(model, config) as handle:
+        crosstrim.generate(model, prefill_batch_size=1, **two_images, **GREEDY)
+        assert handle.kept_slots(two_images["cross_attention_mask"], two_images["attention_mask"]) == max(
+            handle.stats.kept_counts
+        )
+
+
 def test_an_unset_generation_config_field_comes_from_the_models_config(model, two_images):
     """As model.generate reads it: a passed GenerationConfig(max_new_tokens=3) leaves num_beams unset, so the
     model's num_beams=2 applies, to the micro-batched prefill's expansion too (was a shape error deep inside)."""

@@ -6,6 +6,7 @@ padding slots at decode, and transformers drift (simulated by renaming what cros
 
 import copy
 import gc
+import math
 import threading
 import weakref
 
@@ -105,6 +106,62 @@ def test_ratio_one_runs_with_a_static_cache_as_the_identity(fresh, batch):
         assert all(len(i) == handle.stats.image_tokens for i in handle.stats.kept_indices)  # every slot cached
     with crosstrim.trimmed(model, CONFIG), pytest.raises(ValueError, match="dynamic cache"):
         model.generate(**batch, **static)  # a trimming ratio still refuses the pre-allocated cache
+
+
+# -- a fixed budget with a static cache, eager and compiled (issue 18) -----------------------------------
+
+FIXED = [
+    crosstrim.TrimConfig(keep_ratio=0.3),
+    crosstrim.TrimConfig(keep_ratio=0.3, summarize_dropped=True),
+    crosstrim.TrimConfig(method="random", keep_ratio=0.5, seed=1),
+]
+
+
+def fixed_width(model, config, images):
+    """Kept slots of a static cache: every image slot's budget with all its tiles valid, plus summaries."""
+    vision = model.config.vision_config
+    slot = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+    return images * (math.ceil(config.keep_ratio * slot - 1e-6) + (1 if config.summarize_dropped else 0))
+
+
+@pytest.mark.parametrize("config", FIXED, ids=lambda c: c.describe())
+def test_a_fixed_budget_allocates_the_static_cache_at_its_width_and_decodes_the_same(model, batch, config):
+    static = {**GREEDY, "cache_implementation": "static", "return_dict_in_generate": True}
+    layers = sorted(model.config.text_config.cross_attention_layers)
+    with crosstrim.trimmed(model, config) as handle:
+        dynamic = model.generate(**batch, **GREEDY)
+        out = model.generate(**batch, **static)
+    assert torch.equal(out.sequences, dynamic)
+    images = batch["pixel_values"].shape[1]
+    widths = [out.cache.layers[idx].keys.shape[-2] for idx in layers]
+    assert widths == [handle.stats.image_tokens] + [fixed_width(model, config, images)] * (len(layers) - 1)
+    assert widths[1] > max(handle.stats.kept_counts)  # images with fewer tiles: masked slots
+
+
+def test_a_fixed_budget_decodes_the_same_under_torch_compile(fresh, batch):
+    """generate compiles the decode step for a static cache (CPU: compile_config with _compile_all_devices);
+    the hooks trace into one graph. Backend "eager" keeps the test fast; the bench runs inductor."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    static = {**GREEDY, "cache_implementation": "static"}
+    with crosstrim.trimmed(fresh, FIXED[0]):
+        dynamic = fresh.generate(**batch, **GREEDY)
+        counters.clear()
+        compiled = fresh.generate(**batch, **static, compile_config=compile_config)
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode step ran compiled
+    assert torch.equal(compiled, dynamic)
+
+
+def test_a_static_cache_is_refused_where_the_width_is_not_known_before_the_prefill(model, batch):
+    static = {**GREEDY, "cache_implementation": "static"}
+    with crosstrim.trimmed(model, CONFIG), pytest.raises(ValueError, match=r"k_ratio keeps .*Use keep_ratio"):
+        model.generate(**batch, **static)
+    first = crosstrim.TrimConfig(keep_ratio=0.3, trim_first_layer_cache=True)
+    with crosstrim.trimmed(model, first), pytest.raises(ValueError, match="trim_first_layer_cache cuts"):
+        model.generate(**batch, **static)
 
 
 # -- item 4: generate without a cache -----------------------------------------------------------------

@@ -1,16 +1,17 @@
 """Capacity in a fixed memory budget: the largest batch each variant fits, predicted and measured, and the
 decode throughput a user gets at it.
 
-Every probe is what a user runs: ``crosstrim.generate(model, prefill_batch_size=N, **inputs)`` on a batch of
-pixel inputs (vision encoder, projector and decoder prefilled N samples at a time, the micro-batch caches
-merged, then transformers' greedy loop on the whole batch), full and trimmed alike. Its peak is the
-process's: resident set on CPU (``VmHWM``), allocated bytes on GPU.
+Every probe is what a user runs, in a process of its own with the default allocator
+(:mod:`crosstrim.bench.probe`): ``crosstrim.generate(model, prefill_batch_size=N, **inputs)`` on a batch of
+pixel inputs (vision encoder, projector and decoder prefilled N samples at a time, each micro-batch's cache
+written in place into the whole batch's, then transformers' greedy loop on the whole batch), full and
+trimmed alike. Its peak is the process's: resident set on CPU (``VmHWM``), allocated bytes on GPU.
 
 The prediction, :class:`Footprint`, in bytes::
 
-    peak(B) = held + B * (kv + inputs) + max(transient, B * merge)
+    peak(B) = held + B * (kv + inputs) + transient
 
-* ``held``: what the process holds before a run (weights, runtime), measured;
+* ``held``: what the probe's process holds before the run (weights, runtime), measured;
 * ``kv``: one sample's KV cache after the last decode step (the memory model: self KV of prompt + steps,
   cross KV of the kept tokens);
 * ``inputs``: one sample's inputs (pixel values in the model's dtype, ids, masks) where they are held on the
@@ -18,10 +19,11 @@ The prediction, :class:`Footprint`, in bytes::
   each prefill slice moves over when it runs, so they count in the transient);
 * ``transient``: the peak of one prefill micro-batch above its own KV and inputs (vision activations,
   projected features, the first cross layer's K/V expanded to every query head, scoring), measured by
-  running a batch of N alone;
-* ``merge``: the trimmed layers' micro-batch caches, whose widths differ, are joined layer by layer at the
-  end, so one trimmed layer's keys (or values) of the whole batch exist twice for a moment; the layers
-  every micro-batch shares are filled in place (the cache merger of :mod:`crosstrim.engine.generation`).
+  running a batch of N alone.
+
+No layer is held twice: the cache merger of :mod:`crosstrim.engine.generation` writes every micro-batch's cache into
+whole-batch buffers and releases it (a fixed-ratio budget's trimmed width is known before the prefill), so
+no term grows with the batch beyond the KV and the inputs.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch
 
 import crosstrim
 from crosstrim.adapters import adapter_for
-from crosstrim.bench.measure import Clock, add_timers, peak, pixel_inputs, reset_peak
+from crosstrim.bench import probe as probes
+from crosstrim.bench.measure import Clock, add_timers, peak, reset_peak
 from crosstrim.core import TrimConfig
 from crosstrim.engine import memory
 from crosstrim.engine.cache import cache_argument
@@ -44,30 +47,33 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class Footprint:
-    """The memory model of one variant's run: ``peak(B) = held + B (kv + inputs) + max(transient, B merge)``."""
+    """The memory model of one variant's run: ``peak(B) = held + B (kv + inputs) + transient``."""
 
     held: int
     kv: int
     inputs: int
     transient: int
-    merge: int
 
     def peak(self, batch: int) -> int:
-        return self.held + batch * (self.kv + self.inputs) + max(self.transient, batch * self.merge)
+        return self.held + batch * (self.kv + self.inputs) + self.transient
 
     def largest_batch(self, budget: float) -> int:
         """Largest batch whose predicted peak fits ``budget`` bytes; 0 if none."""
-        room = budget - self.held
-        b = max(0, math.floor((room - self.transient) / (self.kv + self.inputs)))
-        b = min(b, max(0, math.floor(room / (self.kv + self.inputs + self.merge))))
-        return b if b > 0 and self.peak(b) <= budget else 0
+        return max(0, math.floor((budget - self.held - self.transient) / (self.kv + self.inputs)))
 
 
-def merge_bytes(mm: memory.MemoryModel, dtype, kept: int | None) -> int:
-    """Per sample, what joining the micro-batch caches holds twice at once: one trimmed layer's keys at the
-    kept width ``kept`` (``None``: nothing is trimmed, so nothing is joined). Layers every micro-batch shares
-    (self-attention, untrimmed cross layers) are filled in place and cost nothing extra."""
-    return 0 if kept is None else mm.kv_bytes_per_token(dtype) // 2 * kept
+@dataclass(frozen=True)
+class Search:
+    """What the budget search runs: every probe ``text`` tokens + ``decode_steps + 1`` new, prefilled
+    ``prefill_batch`` samples at a time, batches up to ``max_batch``, within ``budget_gb``."""
+
+    budget_gb: float
+    text: int
+    decode_steps: int
+    prefill_batch: int
+    max_batch: int
+    seed: int
+    trim_first_layer_cache: bool
 
 
 class StepClock:
@@ -138,44 +144,37 @@ def largest_fitting(fits, start: int, limit: int) -> int:
     return b
 
 
-def search(model, mm: memory.MemoryModel, variants: list, args, clock: Clock) -> list[dict]:
+def search(spec: probes.ModelSpec, mm: memory.MemoryModel, dtype, variants: list, plan: Search) -> list[dict]:
     """For every variant: calibrate its footprint on one micro-batch, predict the largest batch within
-    ``args.memory_budget`` GB, then find the measured one, probing from the prediction; decode throughput
-    is read from the probe at the measured largest batch."""
-    budget, text, steps, n = args.memory_budget * GB, max(args.text_values), args.decode_steps, args.prefill_batch_size
-    first, dtype, results = args.trim_first_layer_cache, model.dtype, []
-    held = reset_peak(model.device)
+    ``plan.budget_gb``, then find the measured one, probing from the prediction, every probe in a fresh
+    process (:mod:`crosstrim.bench.probe`); decode throughput is read from the probe at the measured largest
+    batch."""
+    budget, text, steps, n = plan.budget_gb * GB, plan.text, plan.decode_steps, plan.prefill_batch
+    first, results = plan.trim_first_layer_cache, []
     print(
-        f"\n--memory-budget {args.memory_budget:g} GB: crosstrim.generate(prefill_batch_size={n}), pixel inputs, "
-        f"{text} text tokens + {steps + 1} new; held before a run {held / GB:.2f} GB"
+        f"\n--memory-budget {plan.budget_gb:g} GB: crosstrim.generate(prefill_batch_size={n}), pixel inputs, "
+        f"{text} text tokens + {steps + 1} new; every probe a fresh process, default allocator"
     )
     for name, config in variants:
         runs: dict[int, dict] = {}
 
-        def probe(batch: int, name=name, config=config, runs=runs) -> dict:
-            inputs = pixel_inputs(model, mm, batch, text, args.seed)
-            try:
-                runs[batch] = run_generate(model, config, inputs, steps, n, clock)
-            except torch.OutOfMemoryError:  # GPU: does not fit
-                runs[batch] = {"peak_bytes": -1}
-                torch.cuda.empty_cache()
-            held_here = [t for t in inputs.values() if t.device == model.device]  # GPU: inputs stay on the CPU
-            runs[batch]["input_bytes"] = sum(t.nbytes for t in held_here)
+        def probe(batch: int, config=config, runs=runs) -> dict:
+            runs[batch] = probes.run(probes.Probe(spec, config, batch, text, steps, n, plan.seed))
             return runs[batch]
 
         calibration = probe(n)
         if calibration["peak_bytes"] < 0:
             raise torch.OutOfMemoryError(f"{name}: one prefill micro-batch of {n} does not fit on this device")
-        kept = calibration["kept_width"]
+        held = calibration["held_bytes"]
         r = 1.0 if config is None else config.keep_ratio or calibration["kept_fraction"]
         kv_model = mm.kv_bytes(dtype, text_tokens=text + steps, r=r, trim_first_layer_cache=first).total
         exact = config is None or config.keep_ratio is not None  # adaptive (k_ratio) keeps what the scores say
         kv = kv_model if exact else calibration["kv_bytes"] // n  # adaptive: as its calibration run held
         per_input = calibration["input_bytes"] // n
         transient = calibration["peak_bytes"] - held - n * (kv + per_input)
-        fp = Footprint(held, kv, per_input, max(0, transient), merge_bytes(mm, dtype, kept))
+        fp = Footprint(held, kv, per_input, max(0, transient))
         predicted = fp.largest_batch(budget)
-        measured = largest_fitting(lambda b: 0 <= probe(b)["peak_bytes"] <= budget, max(predicted, 1), args.max_batch)
+        measured = largest_fitting(lambda b: 0 <= probe(b)["peak_bytes"] <= budget, max(predicted, 1), plan.max_batch)
         at = runs.get(measured, {})
         result = {
             "variant": name,
@@ -184,8 +183,11 @@ def search(model, mm: memory.MemoryModel, variants: list, args, clock: Clock) ->
             "kv_matches_model": calibration["kv_bytes"] == n * kv_model if exact else None,
             "predicted": predicted,
             "measured": measured,
-            "capped": measured == args.max_batch,  # the search stopped at --max-batch, not at the budget
+            "capped": measured == plan.max_batch,  # the search stopped at --max-batch, not at the budget
             "probes": {b: v["peak_bytes"] for b, v in sorted(runs.items())},
+            "held": {b: v["held_bytes"] for b, v in sorted(runs.items())},
+            "calls": [v.get("call") for v in runs.values()],  # in probe order: (batch, prefill batch, pixels)
+            "pids": [v.get("pid") for v in runs.values()],
             "calibration": calibration,
             "at_largest": at,
         }
@@ -196,9 +198,11 @@ def search(model, mm: memory.MemoryModel, variants: list, args, clock: Clock) ->
                 dtype, batch=measured, text_tokens=text + (steps + 1) // 2, r=r, trim_first_layer_cache=first
             )
         results.append(result)
-        probes = ", ".join(f"{b}: {p / GB:.2f} GB" for b, p in result["probes"].items())
+        peaks = ", ".join(f"{b}: {p / GB:.2f} GB" for b, p in result["probes"].items())
         stop = " (--max-batch)" if result["capped"] else ""
-        print(f"  {name:>13}: largest batch predicted {predicted}, measured {measured}{stop} (peaks {probes})")
+        print(
+            f"  {name:>13}: largest batch predicted {predicted}, measured {measured}{stop} (peaks {peaks})", flush=True
+        )
     full = results[0]
     for res in results[1:]:  # trimmed / full: batch, tokens/s, and tokens/s predicted by bytes moved
         res["batch_ratio"] = res["measured"] / full["measured"] if full["measured"] else None
@@ -262,19 +266,21 @@ def full_weights_bytes(dims: str, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
-def compose(results: list[dict], mm, ref, args, dtype: torch.dtype, weights: int, vision: dict | None) -> list[dict]:
-    """Composed, not measured: each variant at the preset's full depth within ``args.full_depth_budget`` GB.
+def compose(
+    results: list[dict], mm, ref, plan: Search, budget_gb: float, dtype: torch.dtype, weights: int, vision: dict | None
+) -> list[dict]:
+    """Composed, not measured: each variant at ``ref``'s (a preset's) full depth within ``budget_gb`` GB.
 
     Memory: :class:`Footprint` with the preset's weights (all of them, counted), the runtime measured here
     (held minus this model's weights), the preset's KV per sample (memory model), the same inputs, a
-    transient of ``max(measured here, the composed real vision encoder's)``, and the preset's merge term.
+    transient of ``max(measured here, the composed real vision encoder's)``.
     Decode: :func:`decode_time_model` at the preset's depth; beside it, tokens/s by bytes moved
     (``B / (W + B (S + C_r))``, what a memory-bound GPU would give). ``weights``: the measured model's bytes.
     """
-    first, text, steps = args.trim_first_layer_cache, max(args.text_values), args.decode_steps
-    budget = args.full_depth_budget * GB
+    first, text, steps = plan.trim_first_layer_cache, plan.text, plan.decode_steps
+    budget = budget_gb * GB
     runtime = results[0]["footprint"]["held"] - weights
-    weights = full_weights_bytes(args.dims, dtype)
+    weights = full_weights_bytes(ref.name, dtype)
     step = decode_time_model(results, mm, first)
     rows = []
     for res in results:
@@ -286,7 +292,6 @@ def compose(results: list[dict], mm, ref, args, dtype: torch.dtype, weights: int
             kv=ref.kv_bytes(dtype, text_tokens=text + steps, r=r if kept else 1.0, trim_first_layer_cache=first).total,
             inputs=fp["inputs"],
             transient=transient,
-            merge=merge_bytes(ref, dtype, kept),
         )
         batch = full.largest_batch(budget)
         row = {"variant": res["variant"], "kept_fraction": r, "footprint": asdict(full), "batch": batch}

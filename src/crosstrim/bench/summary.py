@@ -5,8 +5,24 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from dataclasses import dataclass
 
+import torch
+
+from crosstrim.core import TrimConfig
 from crosstrim.engine import memory
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The latency grid of a bench run: every (text, batch) shape, every variant (``None``: the full model)."""
+
+    variants: list[tuple[str, TrimConfig | None]]
+    texts: list[int]
+    batches: list[int]
+    decode_steps: int
+    dtype: torch.dtype
+    trim_first_layer_cache: bool
 
 
 def spread(values: list[float]) -> float:
@@ -26,15 +42,19 @@ def at_depth(layer_s: list[float], total: float, mm: memory.MemoryModel, ref: me
 
 
 def summarise(
-    samples: list[dict], mm: memory.MemoryModel, ref: memory.MemoryModel | None, args, vision_s: float | None = None
+    samples: list[dict],
+    mm: memory.MemoryModel,
+    ref: memory.MemoryModel | None,
+    grid: Grid,
+    vision_s: float | None = None,
 ) -> list[dict]:
     """One row per (text, batch, variant): medians, spreads and, for trimmed variants, ratios to full.
 
     With ``ref`` (a preset), also the full-depth composition; with ``vision_s`` (the composed seconds of the
     vision encoder + projector per image), time to first token end to end at full depth."""
-    med, rows, dtype, first = statistics.median, [], args.kv_dtype, args.trim_first_layer_cache
-    for text, batch in itertools.product(args.text_values, args.batch_values):
-        for name, config in args.variants:
+    med, rows, dtype, first = statistics.median, [], grid.dtype, grid.trim_first_layer_cache
+    for text, batch in itertools.product(grid.texts, grid.batches):
+        for name, config in grid.variants:
             runs = [s for s in samples if (s["text"], s["batch"], s["variant"]) == (text, batch, name)]
 
             def every(key: str, runs=runs) -> list:  # a value per run, or every decode step of every run
@@ -62,7 +82,7 @@ def summarise(
             if config is None:
                 full, row["kept_fraction"] = row, 1.0
                 continue
-            at = text + (args.decode_steps + 1) // 2  # mean decode position
+            at = text + (grid.decode_steps + 1) // 2  # mean decode position
             row["kept_fraction"] = statistics.mean(k / v for k, v in zip(runs[0]["kept"], runs[0]["valid"]))
             for key in ("prefill", "decode", "decode_cpu"):
                 row[f"{key}_ratio"] = row[f"{key}_s"] / full[f"{key}_s"]

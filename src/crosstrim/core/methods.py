@@ -32,6 +32,17 @@ def budget(valid_count: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.ceil(valid_count.to(torch.float64) * ratio - 1e-6).clamp(min=0).to(torch.long)
 
 
+def fixed_kept_slots(valid_counts: torch.Tensor, ratio: float) -> int:
+    """``K``, the kept slots a fixed-ratio selection of ``(B, images)`` valid-token counts has.
+
+    Every fixed-ratio method keeps exactly ``ceil(ratio * valid)`` tokens of each image (a row keeps
+    their sum), and :meth:`Selection.from_keep` gives at least one slot; known before anything is
+    scored, so a batch's cache can be allocated at its final width before its prefill.
+    """
+    kept = budget(valid_counts, ratio).sum(-1)
+    return max(int(kept.max()) if kept.numel() else 0, 1)
+
+
 def kept_tokens(valid: int, ratio: float) -> int:
     """:func:`budget` of one count: the tokens an exact kept fraction ``ratio`` keeps of ``valid``."""
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 < ratio <= 1.0):
@@ -287,6 +298,7 @@ __all__ = [
     "SelectionMethod",
     "budget",
     "derive_seed",
+    "fixed_kept_slots",
     "get_method",
     "kept_tokens",
     "mean_topk",

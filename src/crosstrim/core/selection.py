@@ -194,11 +194,31 @@ class Selection:
                     f"summaries={first.dropped is not None}/{other.dropped is not None}"
                 )
         width = max(s.kept_slots for s in selections)
-        pad = torch.nn.functional.pad
-        index = torch.cat([pad(s.index, (0, width - s.kept_slots)) for s in selections])
-        slot_valid = torch.cat([pad(s.slot_valid, (0, width - s.kept_slots)) for s in selections])
+        padded = [s.padded(width) for s in selections]
+        index = torch.cat([s.index for s in padded])
+        slot_valid = torch.cat([s.slot_valid for s in padded])
         dropped = None if first.dropped is None else torch.cat([s.dropped for s in selections])  # type: ignore[misc]
         return cls(index, slot_valid, first.full_tokens, first.images, dropped)
+
+    def padded(self, kept_slots: int) -> Selection:
+        """The same selection with masked slots up to ``kept_slots`` kept slots (before any summary slots).
+
+        A fixed width that does not depend on the images (a static cache allocated before the prefill, a
+        batch's widest part) is this selection's layout with more padding slots: zero features, zero
+        keys and values, dtype-min mask columns, so attention is unchanged.
+        """
+        if kept_slots < self.kept_slots:
+            raise ValueError(f"cannot narrow {self.kept_slots} kept slots to {kept_slots}")
+        if kept_slots == self.kept_slots:
+            return self
+        pad = (0, kept_slots - self.kept_slots)
+        return Selection(
+            torch.nn.functional.pad(self.index, pad),
+            torch.nn.functional.pad(self.slot_valid, pad),
+            self.full_tokens,
+            self.images,
+            self.dropped,
+        )
 
     def repeat_interleave(self, repeats: int) -> Selection:
         """Every row repeated ``repeats`` times in place: beams and return sequences share their sample's selection."""

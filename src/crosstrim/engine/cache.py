@@ -38,18 +38,30 @@ def cached_kv(cache: Any, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, values
 
 
-def check_cache(cache: Any, layers: list[int]) -> None:
+def check_cache(cache: Any, layers: list[int], trimmed: list[int], static_refusal: str | None) -> None:
+    """Refuse cache layers crosstrim cannot shrink: only dynamic layers, and static layers where
+    ``static_refusal`` is ``None`` (a fixed budget: re-sized to its width before the prefill fills them);
+    else ``static_refusal`` says why not."""
     if cache is None or not hasattr(cache, "layers"):
         return
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, StaticLayer
 
     for idx in layers:
-        if idx < len(cache.layers) and not isinstance(cache.layers[idx], DynamicLayer):
+        if idx >= len(cache.layers) or isinstance(cache.layers[idx], DynamicLayer):
+            continue
+        kind = type(cache.layers[idx]).__name__
+        if type(cache.layers[idx]) is StaticLayer and (idx not in trimmed or static_refusal is None):
+            continue
+        if type(cache.layers[idx]) is StaticLayer:
             raise ValueError(
-                f"crosstrim shrinks the cross-attention KV cache, but layer {idx} uses "
-                f"{type(cache.layers[idx]).__name__}, which is pre-allocated at full size; use the "
-                "default dynamic cache (drop cache_implementation='static' / 'offloaded_static')"
+                f"crosstrim shrinks the cross-attention KV cache, but layer {idx} uses {kind}, pre-allocated at a "
+                f"fixed size, and {static_refusal}. Use keep_ratio (a fixed budget: the static cache is allocated "
+                "at its width) or the default dynamic cache (drop cache_implementation='static')"
             )
+        raise ValueError(
+            f"crosstrim shrinks the cross-attention KV cache, but layer {idx} uses {kind}, which it cannot "
+            "re-size; use the default dynamic cache, or cache_implementation='static' with keep_ratio"
+        )
 
 
 __all__ = ["CACHE_ARGUMENTS", "cache_argument", "cache_of", "cached_kv", "check_cache"]

@@ -10,11 +10,12 @@ How, with transformers' own decoding loop:
 1. every micro-batch (a slice along the batch of the already padded inputs, so every slice has
    the same text length ``L`` and image-slot layout) runs one forward prefill of all ``L`` tokens,
    through the trim handle's hooks when the model is trimmed;
-2. the micro-batch caches are merged along the batch: self-attention and untrimmed cross layers
-   concatenate; trimmed cross layers hold ``K_i`` kept slots per micro-batch and are padded to the
-   largest ``K`` with masked slots (between the kept slots and the summary tokens of
-   ``summarize_dropped``), exactly the layout a one-shot prefill of the whole batch builds; the
-   selections, :class:`~crosstrim.TrimStats` and any recorded first-layer scores are merged the same way;
+2. the micro-batch caches are merged along the batch as they arrive, each written in place into one
+   whole-batch buffer per layer and released (:class:`_CacheMerger`): trimmed cross layers hold ``K_i``
+   kept slots per micro-batch and are laid out for the largest ``K`` with masked slots (between the kept
+   slots and the summary tokens of ``summarize_dropped``), exactly the layout a one-shot prefill of the
+   whole batch builds; the selections, :class:`~crosstrim.TrimStats` and any recorded first-layer scores
+   are merged the same way;
 3. ``generate`` is called with the merged cache and without the image inputs; it sees the
    prompt's last token as not yet cached, and its first forward call is answered with the
    prefill's own logits for that token (see :func:`_prefilled`), so decoding starts exactly where
@@ -109,12 +110,15 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     handle = handle if handle is not None and handle.active else None
     layers = adapter.cross_layers(text)
     trimmed = set() if handle is None else set(handle.trimmed_layers)
-    merger = _CacheMerger(batch, trimmed)
+    kept_slots = (
+        None if handle is None else handle.kept_slots(kwargs.get("cross_attention_mask"), kwargs["attention_mask"])
+    )
+    merger = _CacheMerger(batch, trimmed, kept_slots)
     parts = []
     for start in range(0, batch, prefill_batch_size):
         rows = {name: kwargs[name][start : start + prefill_batch_size] for name in _PREFILL_INPUTS if name in kwargs}
         part = _prefill(model, handle, rows)
-        merger.add(part.cache, start)
+        merger.add(part.cache, start, part.selection)
         parts.append(dataclasses.replace(part, cache=None))  # its tensors now live in the merged cache
     expand = _expand_size(model, kwargs)
     selections = [part.selection for part in parts]
@@ -280,50 +284,132 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class _CacheMerger:
     """Builds the whole batch's cache from the micro-batches' caches as they come, in the first one's object.
 
-    Layers whose width every micro-batch shares (self-attention: the prompt; untrimmed cross layers: every
-    image token) are allocated for the whole batch when the first micro-batch arrives and each micro-batch is
-    copied into its rows and released at once, so the prefill never holds such a layer twice (concatenating
-    at the end would, for a moment, hold the first cross layer's keys of the whole batch twice). Trimmed
-    cross layers hold ``K_i`` kept slots in micro-batch ``i`` (then one summary token per image slot with
-    ``summarize_dropped``), known only once every micro-batch has selected: they are kept apart and, in
-    :meth:`finish`, widened to the largest ``K`` with zero slots after the kept ones
-    (:meth:`Selection.widen`) and joined. Those slots are masked (``slot_valid`` False in
-    :meth:`Selection.concatenate` of the selections), as the padding slots of a one-shot prefill are.
+    Every layer is written in place into one buffer for the whole batch, allocated when the first micro-batch
+    arrives; each micro-batch's tensors are copied into their rows and released at once, so the prefill never
+    holds a layer twice (joining pieces at the end would, and in a default glibc process the joined-from
+    pieces stay resident: issue 18).
+
+    * Layers whose width every micro-batch shares (self-attention: the prompt; untrimmed cross layers: every
+      image token) get a buffer of exactly that width.
+    * Trimmed cross layers hold ``K_i`` kept slots in micro-batch ``i`` (then one summary token per image
+      slot with ``summarize_dropped``): the merged layer is as wide as the largest ``K``, with zero slots
+      after a row's kept ones, masked by the merged selection (:meth:`Selection.concatenate`), the layout a
+      one-shot prefill of the whole batch builds (:meth:`Selection.widen`). Each is a :class:`_SlotBuffer`:
+      with ``kept_slots`` known before the prefill (fixed-ratio methods, :meth:`TrimHandle.kept_slots`)
+      it is allocated at that width and never moves; otherwise (``k_ratio``) at the first micro-batch's
+      width plus one micro-batch's worth of slack, widened in place when a later micro-batch keeps more.
     """
 
-    def __init__(self, batch: int, trimmed: set[int]) -> None:
-        self.batch, self.trimmed = batch, trimmed
+    def __init__(self, batch: int, trimmed: set[int], kept_slots: int | None = None) -> None:
+        self.batch, self.trimmed, self.kept_slots = batch, trimmed, kept_slots
         self.cache: Any = None
-        self.pieces: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self.buffers: dict[tuple[int, str], _SlotBuffer] = {}
 
-    def add(self, cache: Any, start: int) -> None:
-        """Take micro-batch ``cache``, whose rows start at batch row ``start``."""
-        if self.cache is None:
+    def add(self, cache: Any, start: int, selection: Selection | None = None) -> None:
+        """Take micro-batch ``cache``, whose rows start at batch row ``start`` (``selection``: its selection,
+        which a trimmed layer's width follows)."""
+        first = self.cache is None
+        if first:
             self.cache = cache
         for idx, layer in enumerate(cache.layers):
             for name in ("keys", "values"):
                 tensor = getattr(layer, name)
                 if tensor is None:  # a layer this prefill did not fill (none in Mllama's): nothing to merge
                     continue
-                if idx in self.trimmed:
-                    self.pieces.setdefault((idx, name), []).append(tensor)
-                    continue
-                if cache is self.cache:  # the first micro-batch: room for the whole batch
-                    merged = tensor.new_empty((self.batch, *tensor.shape[1:]))
-                    setattr(self.cache.layers[idx], name, merged)
-                getattr(self.cache.layers[idx], name)[start : start + tensor.shape[0]] = tensor
-                if cache is not self.cache:
+                if idx in self.trimmed and selection is not None:
+                    if first:
+                        self.buffers[idx, name] = _SlotBuffer(tensor, self.batch, selection, self.kept_slots)
+                    self.buffers[idx, name].write(tensor, start, selection)
+                else:
+                    if first:  # room for the whole batch
+                        setattr(self.cache.layers[idx], name, tensor.new_empty((self.batch, *tensor.shape[1:])))
+                    getattr(self.cache.layers[idx], name)[start : start + tensor.shape[0]] = tensor
+                if not first or (idx, name) in self.buffers:  # copied: released at once
                     setattr(layer, name, None)
 
     def finish(self, selections: list[Selection | None]) -> Any:
-        """The merged cache, its trimmed layers joined (layer by layer, each part released once joined)."""
-        width = max(s.kept_slots for s in selections) if selections[0] is not None else 0
-        for (idx, name), pieces in self.pieces.items():
-            widened = [s.widen(piece, width, dim=2) for piece, s in zip(pieces, selections)]
-            pieces.clear()
-            setattr(self.cache.layers[idx], name, torch.cat(widened, dim=0))
-        self.pieces = {}
+        """The merged cache: every trimmed layer at the batch's largest kept width."""
+        if self.buffers:
+            width = max(s.kept_slots for s in selections)  # type: ignore[union-attr]
+            for (idx, name), buffer in self.buffers.items():
+                setattr(self.cache.layers[idx], name, buffer.finish(width))
+        self.buffers = {}
         return self.cache
+
+
+class _SlotBuffer:
+    """One trimmed layer's keys (or values) for the whole batch, ``(B, G, K + S, d)``, written in place.
+
+    The tensor is a contiguous view of the first ``B * G * (K + S) * d`` elements of a flat store with room
+    for ``capacity`` kept slots, so ``K`` can grow (or shrink) to a micro-batch's width by moving the rows
+    already written inside the store (:meth:`_relayout`), one row's copy at a time, never the layer twice.
+    The room a fixed-ratio budget needs is known before the prefill (``kept_slots``), and then the store is
+    exactly the merged layer. ``k_ratio`` keeps what the scores say: the store starts at the first
+    micro-batch's width plus ``ceil(K_1 * n / B)`` slots of slack (one micro-batch's bytes spread over the
+    batch); only a micro-batch that keeps more than that re-allocates, and then the store exists twice for
+    one copy (``reallocations`` counts it). On CPU, slack slots never written are pages never touched.
+    """
+
+    def __init__(self, piece: torch.Tensor, batch: int, selection: Selection, kept_slots: int | None) -> None:
+        self.batch, self.summaries = batch, selection.summary_slots
+        self.heads, self.dim = piece.shape[1], piece.shape[3]
+        self.width = kept_slots if kept_slots is not None else selection.kept_slots
+        rows = piece.shape[0]
+        self.slack = 0 if kept_slots is not None else -(-self.width * rows // batch)
+        self.reallocations = 0
+        self.filled = 0  # rows written so far (micro-batches arrive in order)
+        self.store = piece.new_empty(self._elements(self.width + self.slack))
+
+    def _elements(self, kept: int) -> int:
+        return self.batch * self.heads * (kept + self.summaries) * self.dim
+
+    def _view(self, kept: int, rows: int | None = None) -> torch.Tensor:
+        rows = self.batch if rows is None else rows
+        return self.store[: rows * self.heads * (kept + self.summaries) * self.dim].view(
+            rows, self.heads, kept + self.summaries, self.dim
+        )
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self._view(self.width)
+
+    def write(self, piece: torch.Tensor, start: int, selection: Selection) -> None:
+        """Copy a micro-batch's ``(n, G, K_i + S, d)`` piece into rows ``start:start + n``."""
+        kept = selection.kept_slots
+        if kept > self.width:
+            self._relayout(kept)
+        rows = self.tensor[start : start + piece.shape[0]]
+        rows[:, :, :kept] = piece[:, :, :kept]
+        rows[:, :, kept : self.width] = 0
+        rows[:, :, self.width :] = piece[:, :, kept:]
+        self.filled = start + piece.shape[0]
+
+    def finish(self, kept: int) -> torch.Tensor:
+        if kept != self.width:
+            self._relayout(kept)
+        return self.tensor
+
+    def _relayout(self, kept: int) -> None:
+        """Lay the written rows out for ``kept`` kept slots (zeros after the old ones), in the store when it
+        has room: wider rows move back to front, narrower front to back, so no row overwrites one still to
+        move (each row goes through a one-row copy, as its old and new places may overlap)."""
+        old, rows = self.width, self.filled
+        if self._elements(kept) > self.store.numel():  # no room: a new store, the old one freed after the copy
+            previous = self._view(old, rows)
+            self.store = self.store.new_empty(self._elements(kept + self.slack))
+            self.reallocations += 1
+            order: range | list[int] = range(rows)
+        else:
+            previous = None
+            order = range(rows - 1, -1, -1) if kept > old else range(rows)
+        self.width = kept
+        target = self._view(kept, rows)
+        for b in order:
+            row = (previous if previous is not None else self._view(old, rows))[b].clone()
+            shared = min(old, kept)
+            target[b, :, :shared] = row[:, :shared]
+            target[b, :, shared:kept] = 0
+            target[b, :, kept:] = row[:, old:]
 
 
 def _merge_stats(parts: list[TrimStats], expand: int, width: int) -> TrimStats:

@@ -2,7 +2,7 @@
 
 How it hooks in (no modeling code is copied or replaced, attention stays sdpa):
 
-* the text decoder's pre-hook notes this call's 2-D ``attention_mask`` and cache;
+* the text decoder's pre-hook notes this call's attention mask (2-D, or 4-D with a static cache) and cache;
 * hooks on the modules that compute the first cross-attention layer's queries and keys (the model
   adapter names them: ``q_norm``/``k_norm`` in Mllama) capture what the layer itself computes, and
   the layer's post-hook scores image tokens from them and selects;
@@ -48,7 +48,7 @@ SELECTION_ATTR = "_crosstrim_selection"
 class _Step:
     """State of one decoder forward call; later cross layers share the gathered tensors."""
 
-    attention_mask: torch.Tensor | None
+    attention_mask: torch.Tensor | None  # as the decoder got it: 2-D, or 4-D with a static cache
     cache: Any
     input_ids: torch.Tensor | None = None
     images: bool = False  # the call carries image features (a prefill)
@@ -153,6 +153,28 @@ class TrimHandle:
         """
         return self._calls.scores
 
+    def kept_slots(self, cross_attention_mask: torch.Tensor | None, attention_mask: torch.Tensor | None) -> int | None:
+        """``K``, the kept slots a prefill of these processor inputs selects, known before it runs.
+
+        Fixed-ratio methods keep ``ceil(ratio * valid)`` tokens of every image, and an image's valid
+        tokens are its tiles that some real text row may attend (the processor's ``(B, L, images,
+        tiles)`` mask), so a batch's trimmed cache layers can be allocated at their final width
+        before its prefill (``crosstrim.generate``). ``None`` when the count adapts to the scores
+        (``k_ratio``) or the inputs do not say.
+        """
+        if cross_attention_mask is None or cross_attention_mask.dim() != 4:
+            return None
+        images, tiles = cross_attention_mask.shape[2:]
+        patches = self._segment // tiles  # tokens per tile: an image slot is every tile's tokens
+        if self.config.is_identity:
+            return images * tiles * patches  # ratio 1.0 keeps every slot, padding tiles too
+        if self.config.k_ratio is not None:
+            return None
+        allowed = cross_attention_mask == 1
+        if attention_mask is not None and attention_mask.dim() == 2:
+            allowed &= attention_mask[:, :, None, None].to(allowed.device) != 0
+        return core.fixed_kept_slots(allowed.any(1).sum(-1) * patches, self.config.ratio)
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         del state["_calls"]  # thread-local, belongs to the calls of the original; a copy starts fresh
@@ -201,7 +223,7 @@ class TrimHandle:
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Under torch.compile the data-dependent selection graph-breaks and runs eagerly, so
-        # compiled models work; only pre-allocated (static) caches are refused.
+        # compiled models work; a static cache is re-sized to a fixed budget's width at the prefill.
         if module.training:
             raise RuntimeError(
                 "crosstrim trims for inference, but the model is in training mode (dropout, and gradient "
@@ -209,7 +231,7 @@ class TrimHandle:
             )
         cache = checks.cache_of(kwargs)
         if not self.config.is_identity:
-            checks.check_cache(cache, self._layers)
+            checks.check_cache(cache, self._layers, self._trimmed, self._static_refusal)
         ids = kwargs.get("input_ids", args[0] if args else None)
         images = kwargs.get("cross_attention_states") is not None
         if not images and (cache is None or not _cached_length(cache)):
@@ -248,9 +270,8 @@ class TrimHandle:
         # live: select on that device.
         device = step.key.device if step.key is not None else mask.device
         mask = mask.to(device)
-        rows = core.scoring_rows(
-            kwargs.get("full_text_row_masked_out_mask"), step.attention_mask, batch, length, device
-        )
+        real = _real_tokens(step.attention_mask, length)
+        rows = core.scoring_rows(kwargs.get("full_text_row_masked_out_mask"), real, batch, length, device)
         valid = core.valid_tokens(mask, rows)
         scores = None
         if scoring:
@@ -261,17 +282,55 @@ class TrimHandle:
         # A sample with no image keeps nothing: the batch keeps its trimmed width (README, "Batches").
         dropped = valid & ~keep if self.config.summarize_dropped and not self.config.is_identity else None
         step.selection = Selection.from_keep(keep, self._images(tokens), dropped)
+        # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
+        cache = checks.cache_of(kwargs)
+        step.cache = step.cache if cache is None else cache
+        if not self.config.is_identity and self._static(step.cache):
+            step.selection = self._fixed_width(step.cache, step.selection)
         step.prefill = True
         step.query = step.key = None
         valid_counts = valid.sum(-1).tolist()
         kept_counts = (keep & valid).sum(-1).tolist()  # over valid tokens: ratio 1.0 keeps padding slots too
         images = valid.view(batch, step.selection.images, -1).any(-1).sum(-1).tolist()
         self._calls.stats = self._stats(step.selection, kept_counts, valid_counts, images, states.dtype)
-        # The decoder creates a cache itself when the caller passed none: the layer sees the real one.
-        cache = checks.cache_of(kwargs)
-        step.cache = step.cache if cache is None else cache
         if step.cache is not None:
             setattr(step.cache, SELECTION_ATTR, step.selection)
+
+    @property
+    def _static_refusal(self) -> str | None:
+        """Why a static cache cannot hold the trimmed layers, or ``None``: it can under a fixed budget (the
+        width is known before the prefill) that leaves the first layer's cache whole."""
+        if self.config.k_ratio is not None:
+            return "k_ratio keeps as many tokens as the scores select, not known before the prefill"
+        if self.config.trim_first_layer_cache:
+            return "trim_first_layer_cache cuts the first layer's cache after the prefill filled it at full width"
+        return None
+
+    def _static(self, cache: Any) -> bool:
+        from transformers.cache_utils import StaticLayer
+
+        layers = getattr(cache, "layers", None)
+        return layers is not None and any(type(layers[idx]) is StaticLayer for idx in self._trimmed)
+
+    def _fixed_width(self, cache: Any, selection: Selection) -> Selection:
+        """A static cache's trimmed layers at the fixed budget's width, and ``selection`` padded to it.
+
+        The width is what every image slot keeps when all its tiles are valid (``ceil(keep_ratio * tiles *
+        tokens)`` per slot), so it depends on the number of image slots only: the same for every batch of
+        that shape, as a compiled decode step wants. Images with fewer tiles keep fewer tokens; their
+        remaining slots are masked padding (zero keys and values, dtype-min mask columns). transformers
+        allocates the cross layers at every image token; each trimmed layer is re-created at the width
+        before the prefill fills it (a layer already at that width is kept: generate resets and re-uses it).
+        """
+        from transformers.cache_utils import StaticLayer
+
+        full = torch.full((1, selection.images), selection.full_tokens // selection.images)
+        padded = selection.padded(core.fixed_kept_slots(full, self.config.ratio))
+        for idx in self._trimmed:
+            layer = cache.layers[idx]
+            if type(layer) is StaticLayer and layer.max_cache_len != padded.width:
+                cache.layers[idx] = StaticLayer(max_cache_len=padded.width)
+        return padded
 
     def _select_per_image(self, scores: torch.Tensor | None, valid: torch.Tensor, tokens: int) -> torch.Tensor:
         """Apply the budget per image, so every image keeps its share (one image: the paper's rule)."""
@@ -307,8 +366,9 @@ class TrimHandle:
         batch, images, _ = valid.shape
         ids = step.input_ids.cpu()
         real = torch.ones_like(ids, dtype=torch.bool)
-        if step.attention_mask is not None and step.attention_mask.dim() == 2:
-            real = step.attention_mask[:, -ids.shape[1] :].cpu() != 0
+        mask = _real_tokens(step.attention_mask, ids.shape[1])
+        if mask is not None:
+            real = mask.cpu()
         valid = valid.cpu()
         seeds = []
         for b in range(batch):
@@ -439,6 +499,24 @@ def _cached_length(cache: Any) -> int:
     """Tokens ``cache`` already holds (0 for a prefill's fresh cache)."""
     length = getattr(cache, "get_seq_length", None)
     return int(length()) if callable(length) else 0
+
+
+def _real_tokens(attention_mask: torch.Tensor | None, length: int | None) -> torch.Tensor | None:
+    """``(B, length)`` bool, the call's tokens that are not padding, from the mask the decoder receives.
+
+    generate passes the processor's 2-D mask with a dynamic cache, but a prepared 4-D ``(B, 1, L, KV)``
+    mask with a static one (allowed: True, or 0 in an additive mask); there the last row, the prompt's
+    last (real, under left padding) token, allows exactly the real tokens before it, which a prefill
+    laid out from position 0.
+    """
+    if attention_mask is None or length is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -length:] != 0
+    if attention_mask.dim() == 4:
+        last = attention_mask[:, 0, -1, :length]
+        return last if last.dtype == torch.bool else last == 0
+    return None
 
 
 def trim(model: nn.Module, config: TrimConfig | None = None) -> TrimHandle:

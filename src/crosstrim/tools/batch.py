@@ -18,12 +18,14 @@ Beside ``--out`` (say ``answers.jsonl``) live ``answers.jsonl.settings.json``, w
 (a resume with other settings would mix two runs' answers, so it is refused), and ``answers.jsonl.lock``,
 which the run holds so that a second run on the same output is refused instead of answering everything twice.
 
-With ``--memory-budget GB`` the batch size comes from the memory model (:mod:`crosstrim.engine.memory`):
-the largest batch whose weights plus KV cache (the longest request's prompt plus
-``--max-new-tokens``, the most images any request has, every tile) fit the budget. The prefill runs
+With ``--memory-budget GB`` the batch size is the largest whose run keeps this process's peak memory
+(resident set on CPU, allocated on GPU) within the budget: what the process holds once the model is
+loaded, plus per request its KV cache (from the memory model, :mod:`crosstrim.engine.memory`: the longest
+request's prompt plus ``--max-new-tokens``, the most images any request has, every tile) and its
+inputs, plus the peak of one prefill micro-batch, measured on the first requests. The prefill runs
 ``--prefill-batch-size`` requests at a time through :func:`crosstrim.generate`, so its activations
 (vision encoder, projected features, the first cross layer's full K/V) grow with that, not with the
-batch; they come on top of the budget.
+batch.
 """
 
 from __future__ import annotations
@@ -476,44 +478,72 @@ def _is_json(line: bytes) -> bool:
 
 
 def budget_batch_size(model, processor, requests: list[Request], config: TrimConfig, args) -> tuple[int, str]:
-    """The largest batch whose weights plus KV cache fit ``--memory-budget``, and a line saying how.
+    """The largest batch whose run fits ``--memory-budget`` (this process's peak), and a line saying how.
 
-    The KV cache is sized for the worst request: the longest prompt (in tokens, images included)
-    plus ``--max-new-tokens``, the most images, every tile. Cross layers the trim leaves untrimmed hold
-    every image token; trimmed ones ``ceil(keep_ratio * tokens)`` per image (plus one summary token
-    with ``--summarize-dropped``). ``--k-ratio`` keeps an input-dependent share (the union of per-head
-    top-k) that is only known after the prefill, so it is planned as keeping everything: use
-    ``--keep-ratio`` for a batch that grows with trimming.
+    ``held + B * (kv + inputs) + transient <= budget``, the bench's capacity model
+    (:class:`crosstrim.bench.capacity.Footprint`), every term for this process as it runs:
+
+    * ``held``: what the process holds now, weights and runtime (resident set on CPU, allocated on GPU);
+    * ``kv``: one request's KV cache, sized for the worst request: the longest prompt (in tokens,
+      images included) plus ``--max-new-tokens``, the most images, every tile. Cross layers the trim
+      leaves untrimmed hold every image token; trimmed ones ``ceil(keep_ratio * tokens)`` per image
+      (plus one summary token with ``--summarize-dropped``). ``--k-ratio`` keeps an input-dependent
+      share (the union of per-head top-k) known only after the prefill, so it is planned as keeping
+      everything: use ``--keep-ratio`` for a batch that grows with trimming;
+    * ``inputs``: one request's processor outputs (pixel values of the most images), held on the CPU;
+    * ``transient``: one prefill micro-batch's peak above its inputs (vision encoder, projected features,
+      the first cross layer's full K/V, and its own cache, which exists beside the whole batch's until
+      copied in), measured on the first ``--prefill-batch-size`` requests (one token generated, answers
+      discarded).
     """
+    from crosstrim.bench.capacity import Footprint
+    from crosstrim.bench.measure import peak, reset_peak
+
     mm = memory.MemoryModel.from_config(model.config)
     dtype = model.dtype
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    texts = []
+    usable = []
     for request in requests:
         try:
-            texts.append(checkpoint.format_prompt(processor, request.prompt, len(request.images)))
+            pictures = tuple(checkpoint.load_image(path) for path in request.images)
+            checkpoint.format_prompt(processor, request.prompt, len(pictures))
         except UserError:
             continue  # reported, or skipped with --skip-bad, when its batch runs
-    text_tokens = max((len(ids) for ids in processor.tokenizer(texts)["input_ids"]), default=0) + args.max_new_tokens
-    images = max(len(r.images) for r in requests)
+        usable.append(Item(str(request.id), pictures, request.prompt, "", ""))
+    if not usable:
+        return 1, "--memory-budget: no readable request to plan with; batch 1"
+    texts = [checkpoint.format_prompt(processor, item.prompt, len(item.images)) for item in usable]
+    text_tokens = max(len(ids) for ids in processor.tokenizer(texts)["input_ids"]) + args.max_new_tokens
+    images = max(len(item.images) for item in usable)
     ratio = 1.0 if config.is_identity or config.keep_ratio is None else config.keep_ratio
     kv = mm.kv_bytes(
         dtype, text_tokens=text_tokens, images=images, r=ratio, trim_first_layer_cache=config.trim_first_layer_cache
     ).total
     if config.summarize_dropped and ratio < 1.0:
         kv += images * mm.trimmed_layers() * mm.kv_bytes_per_token(dtype)
+    widest = max(usable, key=lambda item: len(item.images))
+    inputs = sum(t.nbytes for t in encode(processor, [widest], "cpu").values()) if model.device.type == "cpu" else 0
+    n = min(args.prefill_batch_size, len(usable))
+    calibration = encode(processor, usable[:n], "cpu")
+    held = reset_peak(model.device)
+    with crosstrim.trimmed(model, config):
+        crosstrim.generate(model, prefill_batch_size=n, **calibration, **greedy(processor, 1))
+    measured = peak(model.device)
+    del calibration
+    # The calibration's own cache stays in its transient: in a batch, each micro-batch's cache exists beside the
+    # whole batch's until it is copied in (crosstrim.generate), on top of B caches.
+    fp = Footprint(held=held, kv=kv, inputs=inputs, transient=max(0, measured - held - n * inputs))
     budget = args.memory_budget * GB
-    size = math.floor((budget - weights) / kv)
+    size = fp.largest_batch(budget)
+    terms = (
+        f"held {format_bytes(held)} + B x ({format_bytes(kv)} KV + {format_bytes(inputs)} inputs) + transient "
+        f"{format_bytes(fp.transient)}"
+    )
     if size < 1:
-        raise UserError(
-            f"--memory-budget {args.memory_budget:g} GB holds no request: weights {format_bytes(weights)} + one "
-            f"request's KV cache {format_bytes(kv)} = {format_bytes(weights + kv)}"
-        )
+        raise UserError(f"--memory-budget {args.memory_budget:g} GB holds no request: {terms}")
     assumed = "k_ratio planned as keeping every token; " if config.k_ratio is not None and ratio == 1.0 else ""
     plan = (
-        f"batch {size} from --memory-budget {args.memory_budget:g} GB: weights {format_bytes(weights)} + "
-        f"{size} x {format_bytes(kv)} KV per request ({text_tokens} text tokens, {images} image(s), "
-        f"{assumed}kept share {ratio:g})"
+        f"batch {size} from --memory-budget {args.memory_budget:g} GB: {terms} (predicted peak "
+        f"{format_bytes(fp.peak(size))}; {text_tokens} text tokens, {images} image(s), {assumed}kept share {ratio:g})"
     )
     return size, plan
 

@@ -16,7 +16,6 @@ dimensions and added for the end-to-end time to first token. Trimmed variants us
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import itertools
 import json
@@ -35,7 +34,8 @@ import torch
 import crosstrim
 from crosstrim.bench import capacity
 from crosstrim.bench.measure import Clock, make_inputs, measure, random_model, status_bytes
-from crosstrim.bench.summary import summarise
+from crosstrim.bench.probe import ModelSpec
+from crosstrim.bench.summary import Grid, summarise
 from crosstrim.bench.vision import time_vision
 from crosstrim.cli.options import add_renamed, fractions, ints, table
 from crosstrim.core import TrimConfig
@@ -100,12 +100,12 @@ CAPACITY = (
     "variant={variant}|kept={kept_fraction:.1%}|predicted={predicted}|measured={measured}|off={off:+.0%}"
     "|ratio={batch_ratio:.2f}|predicted ratio={batch_ratio_predicted:.2f}|TTFT s={ttft_s:.1f}"
     "|decode ms={decode_ms:.0f}|tok/s={tok_s:.2f}|tok/s ratio={tok_s_ratio:.2f}|bytes-moved={tok_s_ratio_predicted:.2f}"
-    "|KV MB={kv_mb:.1f}|inputs MB={inputs_mb:.1f}|transient GB={transient_gb:.2f}|merge MB={merge_mb:.1f}"
+    "|KV MB={kv_mb:.1f}|inputs MB={inputs_mb:.1f}|transient GB={transient_gb:.2f}|held GB={held_gb:.2f}"
 )
 COMPOSED = (
     "variant={variant}|kept={kept_fraction:.1%}|batch={batch}|ratio={batch_ratio:.2f}|decode s={decode_s:.2f}"
     "|tok/s={tok_s:.1f}|tok/s ratio={tok_s_ratio:.2f}|bytes-moved ratio={tok_s_ratio_bytes_moved:.2f}"
-    "|KV MB={kv_mb:.1f}|transient GB={transient_gb:.2f}|merge MB={merge_mb:.1f}"
+    "|KV MB={kv_mb:.1f}|transient GB={transient_gb:.2f}"
 )
 
 
@@ -119,7 +119,7 @@ def units(row: dict) -> dict:
     if "decode_s" in row:
         extra["decode_ms"] = row["decode_s"] * 1e3
     if fp:
-        extra |= {"kv_mb": fp["kv"] / MB, "inputs_mb": fp["inputs"] / MB, "merge_mb": fp["merge"] / MB}
+        extra |= {"kv_mb": fp["kv"] / MB, "inputs_mb": fp["inputs"] / MB, "held_gb": fp["held"] / GB}
         extra["transient_gb"] = fp["transient"] / GB
     if row.get("predicted") and not row.get("capped"):
         extra["off"] = row["measured"] / row["predicted"] - 1
@@ -176,8 +176,12 @@ def _draw(axes, rows: list[dict]) -> None:
 # -- the run ----------------------------------------------------------------------------------------------
 
 
-def parse(args) -> tuple[torch.device, torch.dtype | None]:
-    """Validate everything before loading anything (errors: one-line UserErrors); the device and the dtype."""
+Variants = list[tuple[str, TrimConfig | None]]
+
+
+def parse(args) -> tuple[torch.device, torch.dtype, Variants, Variants]:
+    """Validate everything before loading anything (errors: one-line UserErrors); the device, the dtype, the
+    latency grid's variants (full, then fixed ratios) and the budget search's (those, then ``--k-ratio``)."""
     args.batch_values, args.text_values = ints(args.batch, "--batch"), ints(args.text_tokens, "--text-tokens")
     args.keep_values = fractions(args.keep_ratios, "--keep-ratios")
     args.k_values = fractions(args.k_ratio, "--k-ratio") if args.k_ratio else []
@@ -205,30 +209,26 @@ def parse(args) -> tuple[torch.device, torch.dtype | None]:
     if args.real_vision and (args.model is not None or args.dims not in memory.PRESETS):
         raise UserError("--real-vision builds a preset's vision encoder: use it with --dims 11b or 90b, no --model")
     configs = [TrimConfig(keep_ratio=r, trim_first_layer_cache=args.trim_first_layer_cache) for r in args.keep_values]
-    args.variants = [("full", None)] + [(f"keep {c.keep_ratio:g}", c) for c in configs if c.keep_ratio < 1]
-    if len(args.variants) < 2:
+    variants: Variants = [("full", None)] + [(f"keep {c.keep_ratio:g}", c) for c in configs if c.keep_ratio < 1]
+    if len(variants) < 2:
         raise UserError("--keep-ratios needs at least one fraction below 1 to compare against the full model")
     adaptive = [TrimConfig(k_ratio=k, trim_first_layer_cache=args.trim_first_layer_cache) for k in args.k_values]
-    args.budget_variants = args.variants + [(f"k_ratio {c.k_ratio:g}", c) for c in adaptive]
+    budget_variants = variants + [(f"k_ratio {c.k_ratio:g}", c) for c in adaptive]
     device = checkpoint.resolve_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, **checkpoint.DTYPES}.get(args.dtype)
     if dtype is None:
         raise UserError(f"unknown dtype {args.dtype!r}; use one of auto, {', '.join(checkpoint.DTYPES)}")
-    return device, dtype
+    return device, dtype, variants, budget_variants
 
 
 def run(args: argparse.Namespace) -> int:
-    device, dtype = parse(args)
+    device, dtype, variants, budget_variants = parse(args)
     cpu, out = device.type == "cpu", Path(args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if cpu:
         if not Path("/proc/self/clear_refs").exists():
             raise UserError("peak memory on CPU needs Linux /proc; run on Linux or use --device cuda")
-        try:  # glibc returns freed blocks >= 1 MiB to the OS (M_MMAP_THRESHOLD), so the peak RSS is per run
-            args.mallopt = ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20) == 1
-        except OSError:
-            args.mallopt = False
         free = int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
         if args.memory_budget and args.memory_budget * GB > status_bytes("VmRSS") + free:
             raise UserError(f"--memory-budget {args.memory_budget:g} GB exceeds the {free / GB:.1f} GB available")
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         depth = f"{args.layers} text layers with cross-attention at {args.cross_values}, vocabulary {args.vocab}"
         source = f"RANDOM WEIGHTS, {dims} layer dimensions, reduced depth: {depth}"
         source += ", full vision encoder" if args.real_vision else ", tiny vision encoder with the real tile geometry"
-    mm, args.kv_dtype = memory.MemoryModel.from_config(model.config, name=args.tag or "bench"), model.dtype
+    mm = memory.MemoryModel.from_config(model.config, name=args.tag or "bench")
     size = f"{mm.max_tiles} tiles x {mm.tokens_per_tile} tokens"
     source += f"; fed random precomputed image features of the config's size ({size}) in the latency grid"
     source += ", random pixels in the budget search" if args.memory_budget else ""
@@ -260,12 +260,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {source}\ndevice: {device} ({threads}), dtype {model.dtype}, weights {weights / GB:.2f} GB")
 
     clock = Clock(device)
-    adaptive, samples = grid(model, mm, args, clock)
+    plan = Grid(
+        variants, args.text_values, args.batch_values, args.decode_steps, model.dtype, args.trim_first_layer_cache
+    )
+    adaptive, samples = grid(model, mm, args, variants, clock)
     vision = None
     if ref is not None:
         print(f"vision encoder: timing one local and one global layer at real {ref.name} dimensions ...", flush=True)
         vision = time_vision(memory.preset_config(args.dims), device, model.dtype, args.repeats, clock)
-    rows, w = summarise(samples, mm, ref, args, vision and vision["seconds_per_image"]), mm.decode_weight_bytes(dtype)
+    rows, w = summarise(samples, mm, ref, plan, vision and vision["seconds_per_image"]), mm.decode_weight_bytes(dtype)
     print(f"\nMeasured on {source}; {device}, {threads}, {model.dtype}.")
     print(render(rows, COLUMNS if cpu else COLUMNS.replace("|cpu-time ratio={decode_cpu_ratio:.3f}", "")))
     print(
@@ -288,9 +291,30 @@ def run(args: argparse.Namespace) -> int:
         )
     budget = composed = None
     if args.memory_budget:
-        budget = capacity.search(model, mm, args.budget_variants, args, clock)
+        spec = ModelSpec(
+            device=str(device),
+            dtype=str(model.dtype).removeprefix("torch."),
+            seed=args.seed,
+            threads=args.threads,
+            checkpoint=args.model,
+            dims=args.dims,
+            layers=args.layers,
+            cross=tuple(args.cross_values) if args.model is None else (),
+            vocab=args.vocab,
+            real_vision=args.real_vision,
+        )
+        search = capacity.Search(
+            budget_gb=args.memory_budget,
+            text=max(args.text_values),
+            decode_steps=args.decode_steps,
+            prefill_batch=args.prefill_batch_size,
+            max_batch=args.max_batch,
+            seed=args.seed,
+            trim_first_layer_cache=args.trim_first_layer_cache,
+        )
+        budget = capacity.search(spec, mm, model.dtype, budget_variants, search)
         if ref is not None:
-            composed = capacity.compose(budget, mm, ref, args, model.dtype, weights, vision)
+            composed = capacity.compose(budget, mm, ref, search, args.full_depth_budget, model.dtype, weights, vision)
         print_capacity(budget, composed, mm, ref, args, vision)
 
     machine["loadavg_end"] = os.getloadavg()
@@ -298,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
         "argv": sys.argv,
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": source,
-        "config": {k: v for k, v in vars(args).items() if k not in ("run", "variants", "budget_variants", "kv_dtype")},
+        "config": {k: v for k, v in vars(args).items() if k != "run"},
         "dims": dataclasses.asdict(mm) | {"tokens_per_tile": mm.tokens_per_tile},
         "dtype": str(model.dtype),
         "weights_bytes": weights,
@@ -334,7 +358,7 @@ def machine_info(device: torch.device) -> dict:
     return machine
 
 
-def grid(model, mm: memory.MemoryModel, args, clock: Clock) -> tuple[dict, list[dict]]:
+def grid(model, mm: memory.MemoryModel, args, variants: Variants, clock: Clock) -> tuple[dict, list[dict]]:
     """The latency grid: every (text, batch) shape, every variant, ``--repeats`` times; and the share of image
     tokens the paper's adaptive rule keeps on these features."""
     adaptive, small = {}, make_inputs(model, mm, args.batch_values[0], args.text_values[0], args.seed)
@@ -345,15 +369,15 @@ def grid(model, mm: memory.MemoryModel, args, clock: Clock) -> tuple[dict, list[
         print(f"trimmed k_ratio={k:g} (paper rule, adaptive) keeps {adaptive[f'{k:g}']:.1%} of image tokens here")
     warmup = args.warmup if args.warmup is not None else (1 if clock.cuda else 0)
     print("warm-up: every variant once at the first shape" + (f", then {warmup} per shape" if warmup else ""))
-    measure(model, args.variants, small, 1, clock)
+    measure(model, variants, small, 1, clock)
     del small  # memory held here would count in every peak
     samples, started = [], time.perf_counter()
     for text, batch in itertools.product(args.text_values, args.batch_values):
         inputs = make_inputs(model, mm, batch, text, args.seed)
         for _ in range(warmup):
-            measure(model, args.variants, inputs, 1, clock)
+            measure(model, variants, inputs, 1, clock)
         for rep in range(args.repeats):  # variants alternate; the order flips every repeat
-            order = args.variants if rep % 2 == 0 else args.variants[::-1]
+            order = variants if rep % 2 == 0 else variants[::-1]
             for name, sample in measure(model, order, inputs, args.decode_steps, clock).items():
                 samples.append({"text": text, "batch": batch, "variant": name, "repeat": rep, **sample})
         del inputs
@@ -379,7 +403,8 @@ def print_full_depth(rows: list[dict], ref: memory.MemoryModel, vision: dict) ->
 def print_capacity(budget: list[dict], composed, mm, ref, args, vision) -> None:
     print(
         f"\nCapacity within {args.memory_budget:g} GB, measured on this model ({mm.layers} layers, cross "
-        f"{list(mm.cross_layers)}): predicted = largest B with held + B (KV + inputs) + max(transient, B merge) "
+        f"{list(mm.cross_layers)}): every probe a fresh process with the default allocator; predicted = largest B with "
+        "held + B (KV + inputs) + transient "
         "<= budget (transient measured on one micro-batch alone); measured = largest B whose run peaked within "
         "the budget; ratio = trimmed / full; tok/s at the measured batch; bytes-moved = tok/s ratio predicted by "
         "bytes moved per step.\n" + render(budget, CAPACITY)
