@@ -511,23 +511,32 @@ def test_a_prompt_longer_than_the_model_s_positions_is_a_bad_row(capsys, checkpo
     assert code == 0 and "answered 5 of 6" in stdout and "id 'long'" in err
 
 
-def test_the_memory_budget_plan_counts_the_summary_tokens(capsys, checkpoint_dir, requests, tmp_path):
+def test_the_memory_budget_plan_counts_the_summary_tokens(capsys, checkpoint_dir, requests, tmp_path, monkeypatch):
     """--summarize-dropped caches one more token per image in every trimmed layer: a budget of exactly four
     requests without it holds three with it."""
+    from crosstrim.bench import measure
+
+    held, transient = 1_000_000_000, 50_000_000  # this process's held and calibration peak, fixed
+    monkeypatch.setattr(measure, "reset_peak", lambda device: held)
+    monkeypatch.setattr(measure, "peak", lambda device: held + transient)
     model, processor = checkpoint.load(checkpoint_dir, "cpu", "float32")
     mm = memory.MemoryModel.from_config(model.config)
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    texts = [checkpoint.format_prompt(processor, r["prompt"], len(r["images"])) for r in read(requests)]
+    rows = read(requests)
+    texts = [checkpoint.format_prompt(processor, r["prompt"], len(r["images"])) for r in rows]
     text_tokens = max(len(processor.tokenizer(t)["input_ids"]) for t in texts) + 3
-    plain = mm.kv_bytes("float32", text_tokens=text_tokens, images=2, r=0.25).total
+    widest = max(rows, key=lambda r: len(r["images"]))
+    pictures = tuple(checkpoint.load_image(requests.parent / path) for path in widest["images"])
+    inputs = sum(t.nbytes for t in encode(processor, [Item("w", pictures, widest["prompt"], "", "")], "cpu").values())
+    plain = mm.kv_bytes("float32", text_tokens=text_tokens, images=2, r=0.25).total + inputs
     summarised = plain + 2 * mm.trimmed_layers() * mm.kv_bytes_per_token("float32")
-    budget = weights + 4 * plain + 1
+    fixed = held + transient - inputs  # held, and the calibration micro-batch's peak less its one request's inputs
+    budget = fixed + 4 * plain + 1
     code, _, err = run_batch(
         capsys, checkpoint_dir, requests, tmp_path / "answers.jsonl", "--memory-budget", repr(budget / 1e9),
         "--keep-ratio", "0.25", "--summarize-dropped",
     )  # fmt: skip
     assert code == 0, err
-    assert int(re.search(r"batch (\d+) from --memory-budget", err).group(1)) == (budget - weights) // summarised == 3
+    assert int(re.search(r"batch (\d+) from --memory-budget", err).group(1)) == (budget - fixed) // summarised == 3
 
 
 def test_a_resume_with_a_changed_model_folder_is_refused(capsys, checkpoint_dir, requests, tmp_path):
