@@ -391,7 +391,7 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.trim = settings.trim_config(config)
         self.tokens_per_tile = settings.tokens_per_tile(vision)
         self.max_tiles = vision.max_num_tiles
-        settings.check_distinct(self.max_tiles, self.tokens_per_tile, self.trim)
+        settings.check_budget(self.tokens_per_tile, self.trim)
         self.image_token = config.image_token_index
         self.dtype = vllm_config.model_config.dtype
         # The vision tower is transformers' own module (replicated on every tensor-parallel rank).

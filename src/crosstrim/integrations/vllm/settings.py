@@ -72,13 +72,13 @@ def image_slots(tiles: int, per_tile: int, config: TrimConfig | None) -> int:
     return int(budget(torch.tensor([valid]), config.keep_ratio)[0])
 
 
-def check_distinct(max_tiles: int, per_tile: int, config: TrimConfig | None) -> None:
-    """Refuse a budget so small that two tile counts get the same slot count (then :func:`valid_tiles` fails)."""
-    counts = [image_slots(t, per_tile, config) for t in range(1, max_tiles + 1)]
-    if len(set(counts)) != len(counts) or min(counts) < 1:
+def check_budget(per_tile: int, config: TrimConfig | None) -> None:
+    """Refuse a budget under one token per tile: two tile counts could then get the same slot count, and
+    :func:`valid_tiles` could not tell them apart (at one or more per tile the budget grows with every tile)."""
+    if config is not None and config.keep_ratio * per_tile < 1:
         raise ValueError(
-            f"keep_ratio={config.keep_ratio if config else 1.0} keeps fewer than one token per tile of "
-            f"{per_tile} tokens; use keep_ratio >= {1 / per_tile:.4g}"
+            f"keep_ratio={config.keep_ratio:g} keeps less than one token per tile of {per_tile} tokens; "
+            f"use keep_ratio >= {1 / per_tile:.4g}"
         )
 
 
