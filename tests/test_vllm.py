@@ -89,26 +89,32 @@ def inputs(processor, case: int):
     return processor(text=[text], return_tensors="pt")
 
 
-def transformers_run(reference, config: TrimConfig | None) -> tuple[list[list[int]], list[list[int]]]:
-    """Greedy new tokens of every case, and the kept indices of every image case (crosstrim on transformers)."""
+def transformers_run(reference, config: TrimConfig | None):
+    """Greedy new tokens of every case, their log-probabilities (all cases in one list), and the kept indices
+    of every image case (crosstrim on transformers)."""
     model, processor = reference
     handle = trim(model, config) if config is not None else None
-    tokens, kept = [], []
+    tokens, logprobs, kept = [], [], []
     try:
         for case, (tiles, _) in enumerate(CASES):
             batch = inputs(processor, case)
-            out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
-            tokens.append(out[0, batch["input_ids"].shape[1] :].tolist())
+            out = model.generate(
+                **batch, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+            new = out.sequences[0, batch["input_ids"].shape[1] :]
+            tokens.append(new.tolist())
+            logprobs += [float(torch.log_softmax(s[0], -1)[t]) for s, t in zip(out.scores, new)]
             if handle is not None and tiles:
                 kept.append(handle.stats.kept_indices[0].tolist())
     finally:
         if handle is not None:
             handle.remove()
-    return tokens, kept
+    return tokens, logprobs, kept
 
 
-def vllm_run(checkpoint, reference, overrides: dict | None) -> tuple[list[list[int]], list[list[int]]]:
-    """The same cases as concurrent requests on one vLLM engine: greedy tokens and kept indices."""
+def vllm_run(checkpoint, reference, overrides: dict | None):
+    """The same cases as concurrent requests on one vLLM engine: greedy tokens, their log-probabilities, kept
+    indices."""
     processor = reference[1]
     llm = LLM(
         model=str(checkpoint), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=8, seed=0,
@@ -121,19 +127,23 @@ def vllm_run(checkpoint, reference, overrides: dict | None) -> tuple[list[list[i
             if tiles:
                 prompt["multi_modal_data"] = {"image": image(tiles, case)}
             prompts.append(prompt)
-        outputs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0), use_tqdm=False)
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0)
+        outputs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         model = llm.llm_engine.model_executor.driver_worker.model_runner.model
         kept = [model.recent_selections.get(tuple(p["prompt_token_ids"])) for p in prompts if "multi_modal_data" in p]
-        return [list(o.outputs[0].token_ids) for o in outputs], kept if overrides else []
+        logprobs = [step[t].logprob for o in outputs for step, t in zip(o.logprobs, o.token_ids)]
+        return [list(o.token_ids) for o in outputs], logprobs, kept if overrides else []
     finally:
         del llm
         cleanup_dist_env_and_memory()
 
 
 def test_untrimmed_tokens_equal_transformers_generate(checkpoint, reference):
-    expected, _ = transformers_run(reference, None)
-    tokens, _ = vllm_run(checkpoint, reference, None)
+    expected, expected_logprobs, _ = transformers_run(reference, None)
+    tokens, logprobs, _ = vllm_run(checkpoint, reference, None)
     assert tokens == expected
+    # Greedy tokens of a tiny random model can hide a small deviation; the probabilities cannot.
+    assert logprobs == pytest.approx(expected_logprobs, abs=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -147,10 +157,13 @@ def test_untrimmed_tokens_equal_transformers_generate(checkpoint, reference):
     ids=["keep0.5", "keep0.25", "random0.25", "uniform0.25"],
 )
 def test_trimmed_tokens_and_kept_indices_equal_crosstrim_on_transformers(checkpoint, reference, options):
-    expected_tokens, expected_kept = transformers_run(reference, TrimConfig(trim_first_layer_cache=True, **options))
-    tokens, kept = vllm_run(checkpoint, reference, {"crosstrim": options})
+    expected_tokens, expected_logprobs, expected_kept = transformers_run(
+        reference, TrimConfig(trim_first_layer_cache=True, **options)
+    )
+    tokens, logprobs, kept = vllm_run(checkpoint, reference, {"crosstrim": options})
     assert kept == expected_kept
     assert tokens == expected_tokens
+    assert logprobs == pytest.approx(expected_logprobs, abs=1e-4)
 
 
 def test_two_images_in_one_prompt_are_refused_at_request_time(checkpoint):
