@@ -146,9 +146,8 @@ def main() -> None:
     full = rows[0]["held_at_once"]
     print(f"\nKV pool {args.kv_gib} GiB (VLLM_CPU_KVCACHE_SPACE), 4-tile image + {prompt_tokens} prompt tokens + "
           f"{NEW_TOKENS} new tokens per request; 11B text dims, 5 layers (4 self + 1 cross)")  # fmt: skip
-    print(
-        "| keep_ratio | request KV (MB, model) | predicted | predicted in vLLM blocks | vLLM reports | held at once | vs full |"
-    )
+    print("| keep_ratio | request KV (MB, model) | predicted | predicted in vLLM blocks | vLLM reports |", end="")
+    print(" held at once | vs full |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(
