@@ -50,16 +50,17 @@ def measure(checkpoint: str, ratio: float, requests: int) -> dict:
     overrides = None if ratio == 1.0 else {"crosstrim": {"keep_ratio": ratio}}
     llm = LLM(
         model=checkpoint, dtype="bfloat16", enforce_eager=True, max_model_len=256, max_num_seqs=requests,
-        max_num_batched_tokens=32768, hf_overrides=overrides, seed=0,
+        max_num_batched_tokens=8192, hf_overrides=overrides, seed=0,
     )  # fmt: skip
     core = llm.llm_engine.engine_core.engine_core
     kv_config = core.scheduler.kv_cache_config
     reported = get_max_concurrency_for_kv_cache_config(llm.llm_engine.vllm_config, kv_config)
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    pictures = [Image.fromarray(rng.integers(0, 255, (1120, 1120, 3), dtype=np.uint8)) for _ in range(8)]  # 2x2 tiles
     for i in range(requests):
-        picture = Image.fromarray(rng.integers(0, 255, (1120, 1120, 3), dtype=np.uint8))  # 2 x 2 tiles
-        llm.llm_engine.add_request(str(i), {"prompt": PROMPT, "multi_modal_data": {"image": picture}}, params)
+        prompt = {"prompt": PROMPT, "multi_modal_data": {"image": pictures[i % len(pictures)]}}
+        llm.llm_engine.add_request(str(i), prompt, params)
     # Step until every request was admitted or the pool stopped admitting (two steps without a new one while
     # requests wait), or one finished: the most running at once is what the pool holds.
     held, steps, stalled, start = 0, 0, 0, time.perf_counter()
@@ -107,9 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     parser.add_argument("--ratios", default="1,0.5,0.25,0.1")
-    parser.add_argument(
-        "--requests", type=int, default=0, help="requests submitted (default: 1.25x the prediction + 4)"
-    )
+    parser.add_argument("--requests", type=int, default=0, help="requests submitted (default: 12 more than fit)")
     parser.add_argument("--out", type=Path, default=Path("runs/vllm_capacity.json"))
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
@@ -127,20 +126,22 @@ def main() -> None:
         rows = []
         for ratio in [float(r) for r in args.ratios.split(",")]:
             prediction = predict(checkpoint, ratio, pool, prompt_tokens + NEW_TOKENS)
-            requests = args.requests or int(prediction["predicted"] * 1.25) + 4
+            # The same token counts in vLLM's whole blocks: every layer allocates block_size tokens at a time
+            # from one pool of pool / page_bytes blocks (page: 128 tokens x 8 KV heads x 128 x K,V x bf16).
+            block, page = 128, 128 * 8 * 128 * 2 * 2
+            slots = -(-4 * 1601 * round(ratio * 1000) // 1000)  # ceil(r x valid tokens), 4 tiles of 1601
+            per_request = -(-slots // block) + 4 * -(-(prompt_tokens + NEW_TOKENS) // block)
+            prediction["predicted_in_blocks"] = (pool // page) // per_request
+            # A few more requests than fit, so the pool's limit shows (each holds its pixels until it ends).
+            requests = args.requests or prediction["predicted_in_blocks"] + 12
             env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_gib), VLLM_ENABLE_V1_MULTIPROCESSING="0")
             command = [sys.executable, __file__, "--checkpoint", checkpoint, "--worker", str(ratio)]
             command += ["--requests", str(requests)]
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not lines:
-                sys.exit(f"keep_ratio={ratio} failed:\n{done.stderr[-4000:]}")
+                sys.exit(f"keep_ratio={ratio} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
             row = {**json.loads(lines[-1][7:]), **prediction, "submitted": requests}
-            # The same token counts in vLLM's whole blocks (every layer group allocates block_size tokens at once).
-            block = row["groups"][0]["block_size"]
-            slots = -(-4 * 1601 * round(ratio * 1000) // 1000)  # ceil(r x valid tokens), 4 tiles of 1601
-            per_request = -(-slots // block) + 4 * -(-(prompt_tokens + NEW_TOKENS) // block)
-            row["predicted_in_blocks"] = row["num_blocks"] // per_request
             rows.append(row)
             print(json.dumps(row), flush=True)
     full = rows[0]["held_at_once"]
