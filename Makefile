@@ -16,7 +16,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_TESTS := tests/test_vllm.py tests/test_vllm_settings.py
 CORE_TESTS := tests/test_method.py tests/test_mllama.py tests/test_memory.py tests/test_cli.py tests/test_reliability.py \
-	tests/test_generation.py tests/test_batch.py tests/test_config.py
+	tests/test_generation.py tests/test_batch.py tests/test_config.py tests/test_registry.py tests/test_layout.py
 export TORCH_PINS := import torch; v = torch.__version__.split("+")[0]; print(f"torch=={v} torchvision==0.{int(v.split('.')[1]) + 15}.*")
 
 .PHONY: demo test test-oldest test-vllm lint venv venv-oldest venv-vllm clean
@@ -67,7 +67,7 @@ test: venv
 	$(MAKE) test-oldest
 	$(MAKE) test-vllm
 
-# The core suites (method, integration, memory, CLI, reliability) against the oldest supported transformers.
+# The core suites (method, registry, integration, memory, CLI, reliability, layout) against the oldest supported transformers.
 test-oldest: venv-oldest
 	$(OLDEST_BIN)/python -m pytest $(CORE_TESTS)
 

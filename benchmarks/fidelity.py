@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import torch
 
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 from crosstrim.evaluation import checkpoint
 from crosstrim.evaluation.calibration import wilson_interval
 from crosstrim.evaluation.inference import encode

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import crosstrim
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 from crosstrim.evaluation import checkpoint, sources
 from crosstrim.evaluation.calibration import wilson_interval
 from crosstrim.evaluation.inference import batches, encode

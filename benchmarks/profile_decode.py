@@ -14,9 +14,9 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from crosstrim import memory
 from crosstrim.bench import measure
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
 
 
 def main() -> None:

@@ -97,7 +97,7 @@ def predict(checkpoint: str, ratio: float, pool_bytes: int, text_tokens: int) ->
     """crosstrim's memory model for the same pool: KV bytes of one request, and how many fit."""
     from transformers import AutoConfig
 
-    from crosstrim.memory import MemoryModel
+    from crosstrim.engine.memory import MemoryModel
 
     model = MemoryModel.from_config(AutoConfig.from_pretrained(checkpoint))
     kv = model.kv_bytes("bf16", text_tokens=text_tokens, r=ratio, tiles=4, trim_first_layer_cache=True)

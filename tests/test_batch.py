@@ -9,7 +9,7 @@ import torch
 from support import image, needs_testbed_checkpoint, run_cli
 
 import crosstrim
-from crosstrim import memory
+from crosstrim.engine import memory
 from crosstrim.evaluation import checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import encode, predict

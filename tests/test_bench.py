@@ -8,9 +8,10 @@ import torch
 from support import run_cli
 
 import crosstrim
-from crosstrim import memory, tiny
+from crosstrim import tiny
 from crosstrim.bench import capacity, summary, vision
 from crosstrim.bench.measure import Clock, status_bytes
+from crosstrim.engine import memory
 
 ARGS = ["--dims", "tiny", "--batch", "1,2", "--text", "6", "--keep", "0.5,0.25", "--decode-steps", "2"]
 ARGS += ["--repeats", "2", "--threads", "1"]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from support import run_cli
 
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 from crosstrim.evaluation import calibration, sweep
 from crosstrim.evaluation.calibration import Answer, RequestRecord
 from crosstrim.evaluation.sweep import Setting

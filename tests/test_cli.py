@@ -197,3 +197,17 @@ def test_the_testbed_on_transformers_4_is_a_clear_error(capsys, monkeypatch, tmp
         capsys, "generate", "--image", tmp_path / "x.png", "--prompt", "what color is the circle ?"
     )  # fmt: skip
     assert code == 2 and "transformers 4.57.3 cannot read them; upgrade transformers or pass --model DIR" in err
+
+
+def test_loading_a_checkpoint_leaves_transformers_progress_bars_as_the_caller_had_them(checkpoint_dir):
+    from transformers.utils import logging as hf_logging
+
+    from crosstrim.evaluation import checkpoint
+
+    try:
+        for enabled in (True, False):
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+            checkpoint.load(checkpoint_dir, "cpu")
+            assert hf_logging.is_progress_bar_enabled() is enabled
+    finally:
+        hf_logging.enable_progress_bar()

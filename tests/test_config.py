@@ -2,7 +2,7 @@
 
 import pytest
 
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 
 FLAGS = {"method": "--method", "k_ratio": "--k-ratio", "keep_ratio": "--keep-ratio", "seed": "--seed"}
 FLAGS |= {"trim_first_layer_cache": "--trim-first-layer-cache", "summarize_dropped": "--summarize-dropped"}

@@ -7,7 +7,8 @@ import torch
 from support import GENERATE_MODE_IDS, GENERATE_MODES, inputs, text_model
 
 import crosstrim
-from crosstrim import memory, tiny
+from crosstrim import tiny
+from crosstrim.engine import memory
 
 # Three samples, so a prefill batch of 2 splits them unevenly (2 + 1): two images (2 + 1 tiles, so
 # padding tiles); one 4-tile image (left padded, an empty image slot); two 1-tile images after text.
@@ -214,7 +215,7 @@ def test_untrimmed_layers_are_merged_in_place_and_each_micro_batch_released():
     tensors are dropped as soon as they are copied: the prefill never holds such a layer twice."""
     from types import SimpleNamespace
 
-    from crosstrim.generation import _CacheMerger
+    from crosstrim.engine.generation import _CacheMerger
 
     def cache(rows, seed):
         torch.manual_seed(seed)
@@ -232,3 +233,53 @@ def test_untrimmed_layers_are_merged_in_place_and_each_micro_batch_released():
     merged = merger.finish([None, None])
     assert merged is first and merged.layers[0].keys is room  # filled in place, never concatenated
     assert torch.equal(merged.layers[0].keys, expected)
+
+
+def test_an_unset_generation_config_field_comes_from_the_models_config(model, two_images):
+    """As model.generate reads it: a passed GenerationConfig(max_new_tokens=3) leaves num_beams unset, so the
+    model's num_beams=2 applies, to the micro-batched prefill's expansion too (was a shape error deep inside)."""
+    from transformers import GenerationConfig
+
+    passed = GenerationConfig(max_new_tokens=3, pad_token_id=0)
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(num_beams=2, do_sample=False, pad_token_id=0)
+    try:
+        for config in (None, crosstrim.TrimConfig(keep_ratio=0.3)):
+            expected, expected_stats, got, stats = run_both(model, two_images, config, generation_config=passed)
+            assert torch.equal(got, expected)
+            assert_same_stats(stats, expected_stats)
+    finally:
+        model.generation_config = saved
+
+
+@pytest.mark.parametrize("config", [None, crosstrim.TrimConfig(k_ratio=0.1)], ids=describe)
+def test_concurrent_calls_on_one_model_each_get_their_own_tokens(model, processor, config):
+    """Threads sharing one model: every call's tokens equal its single-thread answer (the model is never
+    modified during a call, so no call answers another's first step)."""
+    import threading
+
+    prompts = [inputs(processor, TWO_IMAGES, seed=seed) for seed in range(4)]
+    with trim_context(model, config):
+        alone = [crosstrim.generate(model, prefill_batch_size=1, **batch, **GREEDY) for batch in prompts]
+        results: dict[int, list] = {i: [] for i in range(len(prompts))}
+        start = threading.Barrier(len(prompts))
+
+        def work(i: int) -> None:
+            start.wait()
+            for _ in range(3):
+                try:
+                    results[i].append(crosstrim.generate(model, prefill_batch_size=1, **prompts[i], **GREEDY))
+                except Exception as error:  # a deep error is as wrong as wrong tokens
+                    results[i].append(error)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert "forward" not in vars(model)
+    for i, outputs in results.items():
+        assert len(outputs) == 3
+        for out in outputs:
+            assert isinstance(out, torch.Tensor), out
+            assert torch.equal(out, alone[i])

@@ -9,7 +9,7 @@ import torch
 from support import inputs, positions, run_cli, text_model
 
 import crosstrim
-from crosstrim import memory
+from crosstrim.engine import memory
 
 # (tile counts of each image, text) per sample: one to three samples, 1-4 tiles, one or two images.
 SHAPES = [

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crosstrim import method
-from crosstrim.config import TrimConfig
+from crosstrim import core as method
+from crosstrim.core import TrimConfig
 
 
 @st.composite

@@ -16,7 +16,9 @@ from support import (
 )
 
 import crosstrim
-from crosstrim import memory, method, tiny
+from crosstrim import core as method
+from crosstrim import tiny
+from crosstrim.engine import memory
 
 # Three samples: two images (2 + 1 tiles, so padding tiles); one 4-tile image (left padded, so a
 # padding image slot too); two 1-tile images after text, whose rows before the first image
@@ -491,3 +493,22 @@ def test_torch_compile_graph_breaks_around_selection_and_matches_eager(model, ba
         assert handle.stats.kept_counts[0] < handle.stats.valid_counts[0]
         torch.testing.assert_close(logits, eager, atol=1e-5, rtol=0)
         assert torch.equal(compiled.generate(**batch, **GREEDY), model.generate(**batch, **GREEDY))
+
+
+def test_stats_after_a_text_only_call_describe_that_call(model, processor):
+    """Stats belong to the last prefill: a text-only call after an image call has kept nothing (None), and
+    its recorded scores are gone too."""
+    batch = inputs(processor, [([1], "<|image|> what is the color of the circle ?")])
+    text = processor(text=["what is in the image ?"], return_tensors="pt")
+    with crosstrim.trimmed(model, crosstrim.TrimConfig(k_ratio=0.25)) as handle:
+        handle.record_scores = True
+        model.generate(**batch, max_new_tokens=2, pad_token_id=0)
+        assert handle.stats is not None and handle.scores is not None
+        model.generate(**text, max_new_tokens=2, pad_token_id=0)
+        assert handle.stats is None and handle.scores is None
+        with torch.no_grad():
+            model(**batch)
+        assert handle.stats is not None
+        with torch.no_grad():
+            model(**text, use_cache=False)
+        assert handle.stats is None

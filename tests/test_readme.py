@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_testbed_example_answers_sensibly():
     text = README.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (example,) = [b for b in blocks if "from crosstrim.testbed import load_model" in b]
+    (example,) = [b for b in blocks if "testbed.load(" in b]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(example, str(README), "exec"), {})

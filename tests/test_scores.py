@@ -5,7 +5,8 @@ import torch
 from support import inputs, positions, text_model, valid_image_tokens
 
 import crosstrim
-from crosstrim import method, tiny
+from crosstrim import core as method
+from crosstrim import tiny
 
 BATCH = [
     ([2, 1], "<|image|> what is the color <|image|> of the circle ?"),

@@ -9,13 +9,12 @@ Reference implementation of Trimmed Llama (Lee et al., arXiv 2504.00557) for Hug
     crosstrim.generate(model, prefill_batch_size=4, **inputs)  # prefill 4 samples at a time
     handle.remove()              # back to the original model
 
-The method itself lives in :mod:`crosstrim.method` and works on plain tensors.
+The method itself lives in :mod:`crosstrim.core` and works on plain tensors; the hooks and
+``generate`` in :mod:`crosstrim.engine`; what is Mllama-specific in :mod:`crosstrim.adapters.mllama`.
 """
 
-from crosstrim.config import TrimConfig
-from crosstrim.generation import generate
-from crosstrim.mllama import TrimHandle, trim, trimmed
-from crosstrim.stats import TrimStats
+from crosstrim.core import TrimConfig
+from crosstrim.engine import TrimHandle, TrimStats, generate, trim, trimmed
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ The prediction, :class:`Footprint`, in bytes::
   running a batch of N alone;
 * ``merge``: the trimmed layers' micro-batch caches, whose widths differ, are joined layer by layer at the
   end, so one trimmed layer's keys (or values) of the whole batch exist twice for a moment; the layers
-  every micro-batch shares are filled in place (:class:`crosstrim.generation._CacheMerger`).
+  every micro-batch shares are filled in place (the cache merger of :mod:`crosstrim.engine.generation`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 import crosstrim
-from crosstrim import memory
-from crosstrim.bench.measure import Clock, add_timers, cache_argument, peak, pixel_inputs, reset_peak
-from crosstrim.config import TrimConfig
+from crosstrim.adapters import adapter_for
+from crosstrim.bench.measure import Clock, add_timers, peak, pixel_inputs, reset_peak
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
+from crosstrim.engine.cache import cache_argument
 
 GB = 1e9
 
@@ -106,8 +108,8 @@ def run_generate(model, config: TrimConfig | None, inputs: dict, steps: int, pre
     finally:
         for h in handles:
             h.remove()
-    layers = model.model.language_model.layers
-    kv = memory.held_kv_bytes(getattr(out, cache_argument()), model.config.text_config.cross_attention_layers)
+    layers = adapter_for(model).decoder(model).layers
+    kv = memory.held_kv_bytes(getattr(out, cache_argument(model)), model.config.text_config.cross_attention_layers)
     decode = [b - a for a, b in zip(streamer.marks[1:], streamer.marks[2:])]  # marks: prompt, token 1, 2, ...
     layer = [statistics.median(clock.seconds(a, b) for a, b in spans[i][-steps:]) for i in range(len(layers))]
     stats = handle.stats if handle is not None else None

@@ -3,8 +3,6 @@ and :func:`measure`, which prefills every variant and decodes them step by step,
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import re
 import statistics
@@ -14,8 +12,10 @@ from pathlib import Path
 import torch
 
 import crosstrim
-from crosstrim import memory
-from crosstrim.config import TrimConfig
+from crosstrim.adapters import adapter_for
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
+from crosstrim.engine.cache import cache_argument
 
 # -- the model and its inputs ----------------------------------------------------------------------------
 
@@ -134,7 +134,7 @@ def add_timers(model, clock: Clock, spans: dict) -> list:
     layer the hook is scoring + selection (a forward hook); at later ones the gathers of features and mask
     (pre-hooks). Add after :func:`crosstrim.trim`; the layer timers come last, so their starts run first.
     """
-    layers, opened = model.model.language_model.layers, {}
+    layers, opened = adapter_for(model).decoder(model).layers, {}
     cross = sorted(model.config.text_config.cross_attention_layers)
 
     def pair(register_start, register_stop, key) -> list:
@@ -169,23 +169,10 @@ def timed_call(model, config: TrimConfig | None, clock: Clock, **inputs):
         for h in handles:
             h.remove()
     t = {key: sum(clock.seconds(a, b) for a, b in v) for key, v in spans.items()}
-    layers = [t[i] for i in range(len(model.model.language_model.layers))]
+    layers = [t[i] for i in range(len(adapter_for(model).decoder(model).layers))]
     stats = handle.stats if handle is not None else None
-    cache = getattr(result, cache_argument())
+    cache = getattr(result, cache_argument(model))
     return cache, token, (wall, cpu, other, t.get("hook", 0.0)), layers, stats
-
-
-@functools.cache
-def cache_argument() -> str:
-    """transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``
-    (the old name warns until it goes in 5.40); older releases know only the old name."""
-    from transformers import MllamaForConditionalGeneration
-
-    return (
-        "cache"
-        if "cache" in inspect.signature(MllamaForConditionalGeneration.forward).parameters
-        else "past_key_values"
-    )
 
 
 KEYS = ("{}_s", "{}_cpu_s", "{}_other_cpu_s", "hook_{}_s", "layer_{}_s")  # a sample's times, as timed_call's
@@ -219,7 +206,7 @@ def measure(model, variants: list, inputs: dict, steps: int, clock: Clock) -> di
             cache, token, mask = state[name]
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             step = {"attention_mask": mask, "cross_attention_mask": inputs["cross_attention_mask"][:, -1:]}
-            step |= {"input_ids": token, cache_argument(): cache}
+            step |= {"input_ids": token, cache_argument(model): cache}
             _, token, times, layers, _ = timed_call(model, config, clock, **step)
             state[name] = (cache, token, mask)
             for key, t in zip(KEYS, (*times, layers)):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import statistics
 
-from crosstrim import memory
+from crosstrim.engine import memory
 
 
 def spread(values: list[float]) -> float:

@@ -27,7 +27,7 @@ from crosstrim.bench.measure import Clock, peak, reset_peak
 
 def time_vision(config, device: torch.device, dtype: torch.dtype, repeats: int, clock: Clock) -> dict:
     """Seconds per image of the vision encoder and projector of ``config`` (an ``MllamaConfig``, e.g.
-    :func:`crosstrim.memory.preset_config`) at its full depth, composed from one local and one global layer
+    :func:`crosstrim.engine.memory.preset_config`) at its full depth, composed from one local and one global layer
     measured here; and its composed peak memory above its weights and input, in bytes."""
     from transformers.models.mllama.configuration_mllama import MllamaVisionConfig
     from transformers.models.mllama.modeling_mllama import MllamaVisionModel

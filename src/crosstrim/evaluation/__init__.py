@@ -5,10 +5,11 @@ evaluation (:class:`~crosstrim.evaluation.dataset.Item`), batched greedy answeri
 (:mod:`~crosstrim.evaluation.inference`) and its multi-process form
 (:mod:`~crosstrim.evaluation.distributed`), dataset files and their scorers
 (:mod:`~crosstrim.evaluation.sources`; VLMEvalKit TSVs in :mod:`~crosstrim.evaluation.vlmeval_tsv`,
-their official metrics in :mod:`~crosstrim.evaluation.vlmeval_metrics`), and the command-line
-options every tool spells the same way (:mod:`~crosstrim.evaluation.options`).
+their official metrics in :mod:`~crosstrim.evaluation.vlmeval_metrics`), and the settings a sweep
+compares (:mod:`~crosstrim.evaluation.sweep`). Command-line options live with the CLI
+(:mod:`crosstrim.cli.options`); this library takes typed values.
 
-It builds on the method and its integration (:mod:`crosstrim.mllama`) and imports nothing above
+It builds on the method and its integration (:mod:`crosstrim.engine`) and imports nothing above
 it: :mod:`crosstrim.testbed`, :mod:`crosstrim.integrations` and :mod:`crosstrim.tools` import it.
 """
 
@@ -35,15 +36,17 @@ def versions() -> dict[str, str]:
     }
 
 
-def run_setup(model, model_name: str, data_name: str, items: int, args, processes: int) -> dict:
+def run_setup(
+    model, model_name: str, data_name: str, items: int, batch_size: int, max_new_tokens: int, processes: int
+) -> dict:
     """How a run answered its items, recorded in its results file: the model and data, the batch and
     decoding settings (greedy), the device, dtype and process count."""
     return {
         "model": model_name,
         "data": data_name,
         "items": items,
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
         "device": str(model.device),
         "dtype": str(model.dtype),
         "decoding": "greedy",

@@ -25,7 +25,6 @@ vocabulary is 128k wide).
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -158,7 +157,7 @@ def summarise(records: Sequence[RequestRecord], settings: Sequence[Setting], tar
         results.append(
             SettingResult(
                 label=setting.label,
-                family=setting.family,
+                family=str(setting.family),
                 config=asdict(setting.config),
                 items=len(records),
                 agree=agree,
@@ -248,26 +247,17 @@ def calibrate(
 
 def _jsonl_requests(path: Path) -> list[Item]:
     items = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not JSON ({err.msg}); expected one JSON object per line") from err
+    for number, where, record in sources.json_lines(path):
+        try:
+            if isinstance(record, sources.BadLine):
+                raise record
             if not isinstance(record, dict) or not all(k in record for k in ("images", "prompt")):
-                raise UserError(f"{where}: expected an object with 'images' (a list of paths) and 'prompt'")
-            images = record["images"]
-            if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
-                raise UserError(f"{where}: 'images' must be a non-empty list of image paths")
-            try:
-                pictures = tuple(checkpoint.load_image(path.parent / p) for p in images)
-            except UserError as err:
-                raise UserError(f"{where}: {err}") from err
-            item_id = str(record.get("id", number))
-            items.append(Item(item_id, pictures, str(record["prompt"]), "", str(record.get("category", "all"))))
+                raise sources.BadLine("expected an object with 'images' (a list of paths) and 'prompt'")
+            pictures = sources.line_images(path, record)
+        except sources.BadLine as bad:
+            raise UserError(f"{where}: {bad}") from bad
+        item_id = str(record.get("id", number))
+        items.append(Item(item_id, pictures, str(record["prompt"]), "", str(record.get("category", "all"))))
     return items
 
 

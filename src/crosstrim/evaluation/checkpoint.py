@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from crosstrim.engine import memory
 from crosstrim.evaluation import UserError
 
-# Every spelling the commands accept for --dtype (case-insensitive), besides "auto".
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+# Every spelling the commands accept for --dtype (case-insensitive), besides "auto": the dtypes a model
+# loads in, spelled as the one dtype table spells them.
+DTYPES = {name: memory.DTYPES[name] for name in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -47,11 +44,6 @@ def load(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
 
     ``dtype``: ``"auto"`` (bfloat16 on GPU, float32 on CPU) or a name in :data:`DTYPES` (``"bf16"``, ...).
     """
-    from transformers import AutoProcessor, MllamaForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the tools report their own progress; keep stderr for errors
-
     path = Path(model_dir)
     if not path.is_dir():
         raise UserError(f"model directory {str(path)!r} does not exist; pass a local checkpoint folder")
@@ -66,6 +58,8 @@ def load(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
         raise UserError(
             f"{str(path)!r} holds a {model_type!r} model; crosstrim needs a Llama-3.2-Vision (mllama) checkpoint"
         )
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:
@@ -73,10 +67,25 @@ def load(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the processor from {str(path)!r} (save it beside the model): {err}") from err
     try:
-        model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+        with _no_progress_bar():  # the tools report their own progress; keep stderr for errors
+            model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model weights from {str(path)!r}: {err}") from err
     return model.to(torch_device).eval(), processor
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """transformers' loading bars off while loading, and back as the caller had them after: no global side effect."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_image(path: str | Path):

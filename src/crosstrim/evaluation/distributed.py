@@ -24,7 +24,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import Prediction, predict
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 import crosstrim
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 from crosstrim.evaluation import checkpoint
 from crosstrim.evaluation.dataset import Item
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -79,23 +79,45 @@ def exact_match(item: Item, prediction: str) -> bool:
     return bool(answer) and _words(prediction)[: len(answer)] == answer
 
 
-class _BadLine(Exception):
+class BadLine(Exception):
     """A line that cannot become an item; the message says why (the caller adds where)."""
 
 
-def _jsonl_item(path: Path, record: object) -> Item:
-    if not isinstance(record, dict):
-        raise _BadLine(f"expected a JSON object, got {type(record).__name__}")
-    missing = [key for key in ("id", "images", "prompt", "answer") if key not in record]
-    if missing:
-        raise _BadLine(f"missing {', '.join(repr(k) for k in missing)}")
+def json_lines(path: Path) -> Iterator[tuple[int, str, object]]:
+    """``(line number, "NAME line N", record)`` for every non-blank line of a JSON-lines file: the one reader of
+    JSON lines (datasets, calibration requests). ``record`` is a :class:`BadLine` where the line is not JSON,
+    so a caller that skips bad lines goes on."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                record = BadLine(f"not JSON ({err.msg}); expected one JSON object per line")
+            yield number, f"{path.name} line {number}", record
+
+
+def line_images(path: Path, record: dict) -> tuple:
+    """The images a JSON line's ``images`` names (paths relative to the file ``path``), loaded as RGB."""
     images = record["images"]
     if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
-        raise _BadLine("'images' must be a non-empty list of image paths")
+        raise BadLine("'images' must be a non-empty list of image paths")
     try:
-        pictures = tuple(checkpoint.load_image(path.parent / p) for p in images)
+        return tuple(checkpoint.load_image(path.parent / p) for p in images)
     except UserError as err:
-        raise _BadLine(str(err)) from err
+        raise BadLine(str(err)) from err
+
+
+def _jsonl_item(path: Path, record: object) -> Item:
+    if isinstance(record, BadLine):
+        raise record
+    if not isinstance(record, dict):
+        raise BadLine(f"expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in ("id", "images", "prompt", "answer") if key not in record]
+    if missing:
+        raise BadLine(f"missing {', '.join(repr(k) for k in missing)}")
+    pictures = line_images(path, record)
     return Item(
         id=str(record["id"]),
         images=pictures,
@@ -116,23 +138,14 @@ def load_jsonl(path: Path, skip_bad: bool = False, benchmark: str | None = None)
             f"--benchmark chooses how a VLMEvalKit .tsv is scored; {path.name} is JSON lines, scored by exact match"
         )
     items, skipped = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {number}"
-            record = None
-            try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise _BadLine(f"not JSON ({err.msg}); expected one JSON object per line") from err
-                items.append(_jsonl_item(path, record))
-            except _BadLine as bad:
-                if not skip_bad:
-                    raise UserError(f"{where}: {bad}; fix it, or skip bad lines with --skip-bad") from bad
-                index = str(record["id"]) if isinstance(record, dict) and "id" in record else ""
-                skipped.append(vlmeval_tsv.Skipped(where, index, str(bad)))
+    for _, where, record in json_lines(path):
+        try:
+            items.append(_jsonl_item(path, record))
+        except BadLine as bad:
+            if not skip_bad:
+                raise UserError(f"{where}: {bad}; fix it, or skip bad lines with --skip-bad") from bad
+            index = str(record["id"]) if isinstance(record, dict) and "id" in record else ""
+            skipped.append(vlmeval_tsv.Skipped(where, index, str(bad)))
     return Dataset(items, exact_match, skipped=skipped)
 
 

@@ -11,11 +11,32 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 # The TrimConfig field each sweep flag sets, so a bad value is an error naming the flag.
 SWEEP_FLAGS = {"method": "--methods", "k_ratio": "--k-ratios", "keep_ratio": "--keep-ratios", "seed": "--seed"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """The line a setting is grouped and drawn on: a method with its kind of budget (``k_ratio``: the kept count
+    adapts; ``keep_ratio``: exact), with or without the summary token, or a reference line (``budget`` None:
+    ``full``, eval's ``one token``). ``str()`` is its label in tables, plots and results files."""
+
+    method: str
+    budget: str | None = None
+    summary: bool = False
+
+    @classmethod
+    def of(cls, config: TrimConfig) -> Family:
+        """The family of a trimmed setting."""
+        budget = "k_ratio" if config.k_ratio is not None else "keep_ratio"
+        return cls(config.method, budget, config.summarize_dropped)
+
+    def __str__(self) -> str:
+        base = self.method if self.budget is None else f"{self.method} ({self.budget})"
+        return base + (" +summary" if self.summary else "")
 
 
 @dataclass(frozen=True)
@@ -24,7 +45,7 @@ class Setting:
     its trim config (``None``: the untrimmed model)."""
 
     label: str
-    family: str
+    family: Family
     config: TrimConfig | None
 
 
@@ -42,13 +63,11 @@ def plan(
     settings = []
     for k in k_ratios:
         trimmed = sweep_config(seed, k_ratio=k)
-        settings.append(Setting(f"trimmed k={trimmed.k_ratio:g}", "trimmed (k_ratio)", trimmed))
+        settings.append(Setting(f"trimmed k={trimmed.k_ratio:g}", Family.of(trimmed), trimmed))
     for keep in keep_ratios:
         for name in methods:
             chosen = sweep_config(seed, method=name, keep_ratio=keep)
-            settings.append(
-                Setting(f"{chosen.method} keep={chosen.keep_ratio:g}", f"{chosen.method} (keep_ratio)", chosen)
-            )
+            settings.append(Setting(f"{chosen.method} keep={chosen.keep_ratio:g}", Family.of(chosen), chosen))
     if not summarize:
         return settings
     return [
@@ -56,7 +75,7 @@ def plan(
         for s in settings
         for variant in (
             s,
-            Setting(f"{s.label} +summary", f"{s.family} +summary", replace(s.config, summarize_dropped=True)),
+            Setting(f"{s.label} +summary", replace(s.family, summary=True), replace(s.config, summarize_dropped=True)),
         )
     ]
 
@@ -82,4 +101,4 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
 
 
-__all__ = ["SWEEP_FLAGS", "Z_95", "Setting", "plan", "sweep_config", "wilson_interval"]
+__all__ = ["SWEEP_FLAGS", "Z_95", "Family", "Setting", "plan", "sweep_config", "wilson_interval"]

@@ -36,7 +36,6 @@ Local lmms-eval tasks made from crosstrim items are written by :mod:`crosstrim.i
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -49,8 +48,8 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from crosstrim.config import METHODS, TrimConfig
-from crosstrim.evaluation import checkpoint
+from crosstrim.core import TrimConfig, method_names
+from crosstrim.evaluation import checkpoint, distributed
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import Prediction, predict
 from crosstrim.integrations import LMMS_EVAL_MODEL
@@ -100,8 +99,8 @@ def trim_config(
         if k_ratio is not None or keep_ratio is not None:
             raise ValueError(f"method={method} runs the untrimmed model; drop k_ratio/keep_ratio")
         return None
-    if method not in METHODS:  # this adapter's method also takes "full", which TrimConfig does not
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*METHODS, 'full'))}")
+    if method not in method_names():  # this adapter's method also takes "full", which TrimConfig does not
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*method_names(), 'full'))}")
     options = {
         "method": method,
         "k_ratio": k_ratio,
@@ -180,9 +179,7 @@ class LlamaVisionTrimmed(lmms):
         self.max_new_tokens = int(max_new_tokens)
         if self.batch_size_per_process < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be at least 1")
-        self._rank = int(os.environ.get("RANK", 0))
-        self._world_size = int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self._rank, self._world_size, local_rank = distributed.from_environment()
         if device_map and self._world_size > 1:
             raise ValueError("device_map spreads one model over the GPUs; launch one process, not several")
         self._model, self.processor = self._load(str(pretrained), device, dtype, device_map, local_rank)

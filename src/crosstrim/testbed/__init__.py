@@ -4,7 +4,7 @@ No Llama-3.2-Vision weights can be downloaded everywhere crosstrim runs, yet the
 something on a model whose attention was *learned*. The testbed is that model: a normal transformers
 checkpoint (``MllamaForConditionalGeneration`` + ``MllamaProcessor``) in :data:`CHECKPOINT`, trained by
 :mod:`crosstrim.testbed.train` on :mod:`crosstrim.testbed.data`. The tools use it when no ``--model``
-is given (:func:`load_model`), so ``demo``/``eval``/``viz`` work on a fresh clone with nothing downloaded.
+is given (:func:`load`), so ``demo``/``eval``/``viz`` work on a fresh clone with nothing downloaded.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ from crosstrim.evaluation import UserError, checkpoint
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 
 
-def load_model(model_dir: str | Path | None, device: str = "auto", dtype: str = "auto"):
-    """``(model, processor, name)`` for the checkpoint folder ``model_dir``, or the shipped testbed when it is
-    ``None`` (the tools' ``--model``, which defaults to the testbed)."""
-    if model_dir:
-        model, processor = checkpoint.load(model_dir, device, dtype)
-        return model, processor, str(model_dir)
+def load(device: str = "auto", dtype: str = "auto"):
+    """``(model, processor)`` of the shipped testbed checkpoint (any other checkpoint: :func:`checkpoint.load
+    <crosstrim.evaluation.checkpoint.load>`)."""
     if not (CHECKPOINT / "config.json").is_file():
         raise UserError(
             f"the testbed checkpoint is missing from {CHECKPOINT}; "
@@ -34,8 +31,7 @@ def load_model(model_dir: str | Path | None, device: str = "auto", dtype: str = 
             f"the built-in testbed's tokenizer files are in the transformers 5 format, and transformers "
             f"{transformers.__version__} cannot read them; upgrade transformers or pass --model DIR"
         )
-    model, processor = checkpoint.load(CHECKPOINT, device, dtype)
-    return model, processor, "testbed"
+    return checkpoint.load(CHECKPOINT, device, dtype)
 
 
-__all__ = ["CHECKPOINT", "load_model"]
+__all__ = ["CHECKPOINT", "load"]

@@ -14,7 +14,7 @@ and answered again)::
 bytes are its cross-attention cache untrimmed and trimmed, run alone (no padding of any kind), so
 they do not depend on the batch the request came in.
 
-With ``--memory-budget GB`` the batch size comes from the memory model (:mod:`crosstrim.memory`):
+With ``--memory-budget GB`` the batch size comes from the memory model (:mod:`crosstrim.engine.memory`):
 the largest batch whose weights plus KV cache (the longest request's prompt plus
 ``--max-new-tokens``, the most images any request has, every tile) fit the budget. The prefill runs
 ``--prefill-batch-size`` requests at a time through :func:`crosstrim.generate`, so its activations
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import crosstrim
-from crosstrim import memory
-from crosstrim.config import TrimConfig
-from crosstrim.evaluation import UserError, checkpoint, options
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model, progress_bar
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
+from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import answer_texts, encode, greedy
-from crosstrim.evaluation.options import progress_bar
-from crosstrim.testbed import load_model
 
 GB = 1e9
 DEFAULT_BATCH = 8

@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 
 import crosstrim
-from crosstrim import memory
 from crosstrim.bench import capacity
 from crosstrim.bench.measure import Clock, make_inputs, measure, random_model, status_bytes
 from crosstrim.bench.summary import summarise
 from crosstrim.bench.vision import time_vision
-from crosstrim.config import TrimConfig
-from crosstrim.evaluation import UserError, checkpoint
-from crosstrim.evaluation.options import fractions, ints, table
+from crosstrim.cli.options import fractions, ints, table
+from crosstrim.core import TrimConfig
+from crosstrim.engine import memory
+from crosstrim.evaluation import UserError, checkpoint, versions
 
 GB, MB = 1e9, 1e6
 
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(model.dtype),
         "weights_bytes": weights,
         "decode_weight_bytes": w,
-        "versions": {m.__name__: m.__version__ for m in (crosstrim, torch, __import__("transformers"))},
+        "versions": versions(),
         "machine": machine,
         "adaptive_kept_fraction": adaptive,
         "summary": rows,

@@ -13,10 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, calibration, distributed, options, run_setup, versions
-from crosstrim.evaluation.options import progress_bar
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model, progress_bar
+from crosstrim.evaluation import UserError, calibration, distributed, run_setup, versions
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
 
 
 def to_json(record: dict) -> str:
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     title = f"{model_name} on {data_name}, {len(items)} requests, target {args.target:.0%}"
     report = f"{title}\n\n{table(cal)}\n\n{verdict(cal)}\n"
     (out / "calibration.md").write_text(report)
-    setup = run_setup(model, model_name, data_name, len(items), args, processes)
+    setup = run_setup(model, model_name, data_name, len(items), args.batch_size, args.max_new_tokens, processes)
     record = {"setup": setup, "versions": versions(), **cal.to_json()}
     (out / "calibration.json").write_text(to_json(record))
     plot(cal, out / "calibration.png", title)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, options, sources
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model
+from crosstrim.evaluation import UserError, sources
 from crosstrim.evaluation.inference import predict
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
 from crosstrim.tools import viz
 
 

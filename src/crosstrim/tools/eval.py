@@ -18,12 +18,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from crosstrim.evaluation import UserError, distributed, options, run_setup, sources, sweep, versions, vlmeval_tsv
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model, progress_bar
+from crosstrim.core import method_names
+from crosstrim.evaluation import UserError, distributed, run_setup, sources, sweep, versions, vlmeval_tsv
 from crosstrim.evaluation.inference import Prediction
-from crosstrim.evaluation.options import progress_bar
-from crosstrim.evaluation.sweep import Setting
+from crosstrim.evaluation.sweep import Family, Setting
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
 
 # "Later layers see one token": the budget that keeps a single token per image (1e-4 * N < 1 for
 # N <= 10,000 image tokens, i.e. any Llama-3.2-Vision input). It measures how much the model needs
@@ -43,7 +44,11 @@ def plan(settings: Sequence[Setting], seed: int | str = 0) -> list[Setting]:
     """The runs of one evaluation: untrimmed first, then the sweep's ``settings``, then one token per image
     in the later layers (how much the model needs them at all)."""
     one_token = sweep.sweep_config(seed, method="uniform", keep_ratio=ONE_TOKEN)
-    return [Setting("full", "full", None), *settings, Setting("later layers: 1 token", "one token", one_token)]
+    return [
+        Setting("full", Family("full"), None),
+        *settings,
+        Setting("later layers: 1 token", Family("one token"), one_token),
+    ]
 
 
 def summarise(run: Setting, data: sources.Dataset, predictions: list[Prediction]) -> dict:
@@ -69,7 +74,7 @@ def summarise(run: Setting, data: sources.Dataset, predictions: list[Prediction]
     kv_kept = [p.kv_bytes_kept for p in predictions if p.kv_bytes_kept is not None]
     return {
         "label": run.label,
-        "family": run.family,
+        "family": str(run.family),
         "config": asdict(run.config) if run.config is not None else None,
         "accuracy": sum(r["correct"] for r in records) / len(records),
         "correct": sum(r["correct"] for r in records),
@@ -135,7 +140,8 @@ def table(results: list[dict]) -> str:
 
 def kept_by_category(results: list[dict]) -> str:
     """Kept fraction per category under the adaptive rule: the budget it chooses per question family."""
-    adaptive = [r for r in results if r["family"] == "trimmed (k_ratio)"]
+    adaptive = [r for r in results if r["config"] and r["config"]["k_ratio"] is not None]
+    adaptive = [r for r in adaptive if not r["config"]["summarize_dropped"]]
     if not adaptive:
         return ""
     categories = list(adaptive[0]["per_category"])
@@ -218,7 +224,7 @@ def register(subparsers) -> None:
         "an MME image pair or MMVP case is never split",
     )
     parser.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder (default runs/eval)")
-    options.add_sweep_arguments(parser, methods="trimmed,mean,random,uniform", what="run")
+    options.add_sweep_arguments(parser, methods=",".join(method_names()), what="run")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.set_defaults(run=run)
@@ -295,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         report += f"\nKept fraction per category (trimmed, k_ratio):\n\n{adaptive}\n"
     (out / "results.md").write_text(report)
     setup = {
-        **run_setup(model, model_name, data_name, len(items), args, processes),
+        **run_setup(model, model_name, data_name, len(items), args.batch_size, args.max_new_tokens, processes),
         "headline": data.headline,
         "benchmark": data.benchmark,
         "limit": args.limit,

@@ -7,9 +7,10 @@ import argparse
 import torch
 
 import crosstrim
-from crosstrim.evaluation import UserError, checkpoint, options
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model
+from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.inference import answer_texts, greedy
-from crosstrim.testbed import load_model
 
 # Why ratio 1.0 keeps 100% yet saves no cache, while 0.999 saves the padding tiles' share.
 IDENTITY_NOTE = (

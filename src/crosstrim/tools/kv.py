@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from crosstrim import memory
+from crosstrim.cli.options import fractions, ints, table
+from crosstrim.engine import memory
 from crosstrim.evaluation import UserError
-from crosstrim.evaluation.options import fractions, ints, table
 
 # Decimal byte units, largest first: every table and plot picks the one that fits its largest number.
 UNITS = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))

@@ -10,8 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from crosstrim.cli.options import progress_bar
 from crosstrim.evaluation import UserError
-from crosstrim.evaluation.options import progress_bar
 
 
 def register(subparsers) -> None:

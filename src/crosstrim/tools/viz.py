@@ -18,14 +18,17 @@ import numpy as np
 import torch
 
 import crosstrim
-from crosstrim import method
-from crosstrim.config import TrimConfig
-from crosstrim.evaluation import UserError, checkpoint, options
+from crosstrim.adapters import adapter_for
+from crosstrim.adapters.mllama import tokens_per_tile
+from crosstrim.cli import options
+from crosstrim.cli.options import load_model
+from crosstrim.core import TrimConfig
+from crosstrim.engine.scores import cross_attention_scores
+from crosstrim.engine.stats import FirstLayerScores
+from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.dataset import Item
 from crosstrim.evaluation.inference import encode, predict
-from crosstrim.stats import FirstLayerScores
 from crosstrim.testbed import data as testbed_data
-from crosstrim.testbed import load_model
 
 
 @dataclass(frozen=True)
@@ -42,46 +45,15 @@ def cross_attention(model, inputs: dict[str, torch.Tensor], first: FirstLayerSco
 
     The first layer's is what the trim handle scored (``first``, recorded with
     ``TrimHandle.record_scores``): that layer attends every image token, trimmed or not. The later
-    layers, which the method never scores, are scored here the same way: their own
-    ``q_norm``/``k_norm`` outputs in one untrimmed prefill (sdpa, no eager attention needed), with
-    :func:`crosstrim.method.attention_scores` over the same scoring rows.
+    layers, which the method never scores, are scored the same way by the engine
+    (:func:`crosstrim.engine.scores.cross_attention_scores`: one untrimmed prefill, sdpa, no eager attention).
     """
-    text = model.model.language_model
-    layers = tuple(sorted(int(i) for i in text.config.cross_attention_layers))
+    adapter = adapter_for(model)
+    layers = tuple(adapter.cross_layers(adapter.decoder(model)))
     scores = {first.layer: first.scores[0].sum(0).cpu()}
     later = [idx for idx in layers if idx != first.layer]
     if later:
-        captured: dict[tuple[int, str], torch.Tensor] = {}
-        masks: dict[str, torch.Tensor | None] = {}
-
-        def keep(key):
-            return lambda module, args, output: captured.__setitem__(key, output.detach())
-
-        def note_masks(module, args, kwargs):
-            masks["cross"] = kwargs.get("cross_attention_mask")
-            masks["rows"] = kwargs.get("full_text_row_masked_out_mask")
-
-        hooks = [text.layers[later[0]].register_forward_pre_hook(note_masks, with_kwargs=True)]
-        for idx in later:
-            attn = text.layers[idx].cross_attn
-            hooks += [
-                attn.q_norm.register_forward_hook(keep((idx, "q"))),
-                attn.k_norm.register_forward_hook(keep((idx, "k"))),
-            ]
-        try:
-            with torch.no_grad():
-                model(**inputs, use_cache=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        mask = masks["cross"]
-        query = captured[(later[0], "q")]
-        rows = method.scoring_rows(
-            masks["rows"], inputs.get("attention_mask"), query.shape[0], query.shape[2], mask.device
-        )
-        for idx in later:
-            attn = text.layers[idx].cross_attn
-            per_head = method.attention_scores(captured[(idx, "q")], captured[(idx, "k")], mask, rows, attn.scaling)
+        for idx, per_head in cross_attention_scores(model, inputs, later).items():
             scores[idx] = per_head[0].sum(0).cpu()
     return Attention(layers, scores, first.valid[0].cpu())
 
@@ -102,7 +74,7 @@ def canvas(model, processor, inputs: dict[str, torch.Tensor]) -> Canvas:
     tile_rows, tile_cols = vision.supported_aspect_ratios[ratio_id - 1]
     size, patch = vision.image_size, vision.patch_size
     grid = size // patch
-    per_tile = grid * grid + 1
+    per_tile = tokens_per_tile(size, patch)
     mean = np.asarray(processor.image_processor.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(processor.image_processor.image_std, dtype=np.float32)[:, None, None]
     tiles = inputs["pixel_values"][0, 0].float().cpu().numpy() * std + mean

@@ -6,7 +6,7 @@ them before prefill, the model runs the vision tower in :meth:`embed_multimodal`
 prefill, writes K/V for exactly that many tokens into every cross-attention layer's paged cache. Decode
 steps read the cache. The slot count is the image's valid tokens (padding tiles take none), or with
 crosstrim's ``keep_ratio`` its budget: the first cross layer scores every token with
-:mod:`crosstrim.method` and every cross layer caches only the kept ones.
+:mod:`crosstrim.core` and every cross layer caches only the kept ones.
 
 What transformers computes, and how it is reproduced here:
 
@@ -57,7 +57,7 @@ from vllm.multimodal.processing import (
     PromptUpdate,
 )
 
-from crosstrim.config import TrimConfig
+from crosstrim.core import TrimConfig
 from crosstrim.integrations.vllm import selection, settings
 
 IMAGE_FIELDS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")

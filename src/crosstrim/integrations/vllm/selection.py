@@ -1,8 +1,8 @@
-"""One request's selection at its prefill, on plain tensors, with crosstrim's own method code. No vLLM import.
+"""One request's selection at its prefill, on plain tensors, with :mod:`crosstrim.core`. No vLLM import.
 
 vLLM hands the model a flat batch of text rows (``T`` tokens of all requests) and one encoder output per
 image. For a request with an image this module rebuilds what transformers' Mllama sees for a batch of
-one (the additive cross-attention mask, the scoring rows) and asks :mod:`crosstrim.method` what to keep,
+one (the additive cross-attention mask, the scoring rows) and asks :mod:`crosstrim.core` what to keep,
 so the kept tokens are those ``crosstrim.trim(model, TrimConfig(keep_ratio=r, trim_first_layer_cache=True))``
 keeps for the same prompt and image.
 """
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from crosstrim import method
-from crosstrim.config import TrimConfig
+from crosstrim import core
+from crosstrim.core import TrimConfig
 
 
 def cross_mask(valid: torch.Tensor, after_image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -37,7 +37,7 @@ def scores(
         after_image: ``(L,)`` bool, rows from ``<|image|>`` on (the rows that score).
     """
     mask = cross_mask(valid, after_image, query.dtype)
-    return method.attention_scores(query.transpose(0, 1)[None], key[None], mask, after_image[None], scaling, chunk)
+    return core.attention_scores(query.transpose(0, 1)[None], key[None], mask, after_image[None], scaling, chunk)
 
 
 def keep_indices(
@@ -45,13 +45,13 @@ def keep_indices(
 ) -> torch.Tensor:
     """Ascending token indices ``(K,)`` of one image that every cross layer caches.
 
-    ``head_scores`` is ``(1, H, N)`` over all heads (``None`` for methods that need none). The random
-    baseline seeds the image from the prompt's token ids and the image layout, as the transformers path does
-    for a sample with one image, so both draw the same tokens.
+    ``head_scores`` is ``(1, H, N)`` over all heads (``None`` for methods that need none). A method that
+    needs seeds (the random baseline) gets one from the prompt's token ids and the image layout, as the
+    transformers path derives it for a sample with one image, so both draw the same tokens.
     """
     seeds = None
-    if config.method == "random":
-        sample = method.derive_seed(config.seed, [int(i) for i in prompt_ids], valid.to(torch.long).tolist())
-        seeds = [method.derive_seed(sample, (0,))]
-    keep = method.select(config, head_scores, valid[None], seeds)[0]
+    if config.needs_seeds:
+        sample = core.derive_seed(config.seed, [int(i) for i in prompt_ids], valid.to(torch.long).tolist())
+        seeds = [core.derive_seed(sample, (0,))]
+    keep = core.select(config, head_scores, valid[None], seeds)[0]
     return keep.nonzero().flatten()

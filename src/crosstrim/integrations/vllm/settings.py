@@ -14,8 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from crosstrim.config import TrimConfig
-from crosstrim.method import budget
+from crosstrim.core import TrimConfig, budget
 
 CONFIG_KEY = "crosstrim"
 # Options a vLLM config may set; the rest of TrimConfig is fixed by how vLLM allocates slots.

@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+from crosstrim.engine.memory import cross_kv_bytes
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,10 @@ class TrimStats:
         image_tokens = self.image_tokens // self.image_slots * images  # every tile slot of its own images
         # Cached slots: at ratio 1.0 every slot (padding tiles too, of its own images alone), else the kept ones.
         slots = min(len(self.kept_indices[b]), image_tokens) + (images if self.summary_tokens else 0)
-        untrimmed = self.cross_layers - self.trimmed_layers
-        full = self.cross_layers * image_tokens * self.kv_bytes_per_token
-        kept = (self.trimmed_layers * slots + untrimmed * image_tokens) * self.kv_bytes_per_token
-        return full, kept
+        held = functools.partial(
+            cross_kv_bytes, self.kv_bytes_per_token, batch=1, cross_layers=self.cross_layers, full_tokens=image_tokens
+        )
+        return held(trimmed_layers=0, kept_width=None), held(trimmed_layers=self.trimmed_layers, kept_width=slots)
 
     @property
     def kept_fraction(self) -> tuple[float, ...]:

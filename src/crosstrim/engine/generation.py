@@ -15,27 +15,33 @@ How, with transformers' own decoding loop:
    largest ``K`` with masked slots (between the kept slots and the summary tokens of
    ``summarize_dropped``), exactly the layout a one-shot prefill of the whole batch builds; the
    selections, :class:`~crosstrim.TrimStats` and any recorded first-layer scores are merged the same way;
-3. ``model.generate`` is called with the merged cache and without the image inputs; it sees the
+3. ``generate`` is called with the merged cache and without the image inputs; it sees the
    prompt's last token as not yet cached, and its first forward call is answered with the
    prefill's own logits for that token (see :func:`_prefilled`), so decoding starts exactly where
    a one-shot prefill would have left it.
+
+The shared model is never modified: the first forward is answered by a shallow copy of the model made
+for this call (same modules, parameters and hooks; its own ``forward``), on which ``generate`` runs, and
+per-call state lives in the call's cache and in the trim handle's thread-local state. Several threads
+may call ``crosstrim.generate`` on one model at once; each gets the tokens it would get alone.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import dataclasses
 import functools
-import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from crosstrim.method import Selection
-from crosstrim.mllama import _HANDLE_ATTR, _SELECTION_ATTR
-from crosstrim.stats import FirstLayerScores, TrimStats
+from crosstrim.adapters import adapter_for
+from crosstrim.core import Selection
+from crosstrim.engine.cache import cache_argument
+from crosstrim.engine.handle import HANDLE_ATTR, SELECTION_ATTR, TrimHandle
+from crosstrim.engine.memory import cross_kv_bytes
+from crosstrim.engine.stats import FirstLayerScores, TrimStats
 
 # Inputs that have one row per sample and go into the prefill forward; generate gets the rest.
 _PREFILL_INPUTS = (
@@ -59,8 +65,9 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     :func:`crosstrim.trim` handle, whose ``stats`` then describe the whole batch as a one-shot
     prefill would. Greedy, sampling, beam search and ``num_return_sequences`` run in transformers'
     own loop on the whole batch. ``prefill_batch_size`` counts samples before beam /
-    ``num_return_sequences`` expansion. Like a trim handle, a call owns the model while it runs:
-    do not call the same model from another thread meanwhile.
+    ``num_return_sequences`` expansion. The model is not modified, so several threads may call this
+    on one model at once (the handle's ``stats`` are per thread). A ``generation_config`` is read as
+    ``generate`` reads it: its unset fields come from ``model.generation_config``.
 
     Args:
         model: an ``MllamaForConditionalGeneration``, trimmed or not.
@@ -76,7 +83,9 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
             cache, ``use_cache=False``, assisted decoding, ``inputs_embeds``,
             ``output_attentions`` / ``output_hidden_states`` (the prefill keeps none).
     """
-    text = _text_model(model)
+    adapter = adapter_for(model, "crosstrim.generate")
+    adapter.check_generation_model(model)
+    text = adapter.decoder(model)
     if isinstance(prefill_batch_size, bool) or not isinstance(prefill_batch_size, int):
         raise TypeError(f"prefill_batch_size must be an int, got {type(prefill_batch_size).__name__}")
     if prefill_batch_size < 1:
@@ -96,10 +105,10 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{name} must have one row per sample ({batch}), got {shape}")
 
-    handle = getattr(text, _HANDLE_ATTR, None)
+    handle: TrimHandle | None = getattr(text, HANDLE_ATTR, None)
     handle = handle if handle is not None and handle.active else None
-    layers = sorted(int(i) for i in text.config.cross_attention_layers)
-    trimmed = set() if handle is None else set(layers if handle.config.trim_first_layer_cache else layers[1:])
+    layers = adapter.cross_layers(text)
+    trimmed = set() if handle is None else set(handle.trimmed_layers)
     merger = _CacheMerger(batch, trimmed)
     parts = []
     for start in range(0, batch, prefill_batch_size):
@@ -112,20 +121,23 @@ def generate(model: nn.Module, *, prefill_batch_size: int, **kwargs: Any) -> Any
     cache = merger.finish(selections)
     if selections[0] is not None:  # trimmed (a selection is read only with an active handle)
         merged = Selection.concatenate(selections)
-        setattr(cache, _SELECTION_ATTR, merged.repeat_interleave(expand))
-        handle._calls.stats = _merge_stats([part.stats for part in parts], expand, merged.width)
-        handle._calls.scores = _merge_scores([part.scores for part in parts], expand)
+        setattr(cache, SELECTION_ATTR, merged.repeat_interleave(expand))
+        handle.record(  # type: ignore[union-attr]
+            _merge_stats([part.stats for part in parts], expand, merged.width),
+            _merge_scores([part.scores for part in parts], expand),
+        )
     if expand > 1:
         for layer in cache.layers:
             layer.keys = layer.keys.repeat_interleave(expand, dim=0)
             layer.values = layer.values.repeat_interleave(expand, dim=0)
     logits = torch.cat([part.logits for part in parts]).repeat_interleave(expand, dim=0)
-    first_step = parts[0].output_type(logits=logits, **{_cache_argument(model): cache})
+    first_step = parts[0].output_type(logits=logits, **{cache_argument(model): cache})
     del parts
     decode = _on_device(model, {name: value for name, value in kwargs.items() if name not in _IMAGE_INPUTS})
-    decode[_cache_argument(model)] = cache
-    with _prefilled(model, cache, [i for i in range(len(cache.layers)) if i not in layers], first_step):
-        return model.generate(**decode)
+    decode[cache_argument(model)] = cache
+    prefilled = _prefilled(model, cache, [i for i in range(len(cache.layers)) if i not in layers], first_step)
+    # generate of the model's class, on the copy: an instance-level generate (a wrapper) would run on the model.
+    return type(model).generate(prefilled, **decode)
 
 
 def _on_device(model: nn.Module, kwargs: dict) -> dict:
@@ -149,7 +161,7 @@ class _Part:
     output_type: type
 
 
-def _prefill(model: nn.Module, handle: Any, inputs: dict[str, torch.Tensor]) -> _Part:
+def _prefill(model: nn.Module, handle: TrimHandle | None, inputs: dict[str, torch.Tensor]) -> _Part:
     """One forward over every prompt token of a micro-batch, as generate's own prefill runs it.
 
     Inputs move to the model's device here, a slice at a time, so a large batch of images can wait
@@ -161,10 +173,10 @@ def _prefill(model: nn.Module, handle: Any, inputs: dict[str, torch.Tensor]) -> 
         inputs["position_ids"] = _positions(inputs["attention_mask"])
     with torch.no_grad():
         out = model(**inputs, use_cache=True, logits_to_keep=1, return_dict=True)
-    cache = out[_cache_argument(model)]
+    cache = out[cache_argument(model)]
     return _Part(
         cache=cache,
-        selection=getattr(cache, _SELECTION_ATTR, None) if handle is not None else None,
+        selection=getattr(cache, SELECTION_ATTR, None) if handle is not None else None,
         stats=handle.stats if handle is not None else None,
         scores=handle.scores if handle is not None else None,
         logits=out.logits[:, -1:],
@@ -172,9 +184,8 @@ def _prefill(model: nn.Module, handle: Any, inputs: dict[str, torch.Tensor]) -> 
     )
 
 
-@contextlib.contextmanager
-def _prefilled(model: nn.Module, cache: Any, self_layers: list[int], first_step: Any) -> Iterator[None]:
-    """Make ``model.generate`` start decoding from a cache that already holds the whole prompt.
+def _prefilled(model: nn.Module, cache: Any, self_layers: list[int], first_step: Any) -> nn.Module:
+    """A shallow copy of ``model`` whose ``generate`` starts decoding from a cache that already holds the whole prompt.
 
     generate needs an uncached prompt token to start from, so the self-attention layers are
     shown to it cropped to ``L - 1`` tokens; its first forward call (that last token) is then
@@ -182,44 +193,27 @@ def _prefilled(model: nn.Module, cache: Any, self_layers: list[int], first_step:
     instead of being recomputed. The answer is exactly what a one-shot prefill gives generate
     (a recomputation would differ with ``trim_first_layer_cache``, whose first layer saw every
     image token at prefill but only the kept ones afterwards), and no forward is spent on it.
+
+    The copy shares every module, parameter and hook with ``model`` (``copy.copy`` copies the attribute
+    dict, not what it holds); only its own ``forward`` differs, first the answer, then the model's. So
+    the shared model is never touched, and concurrent calls each answer their own first step.
     """
     full = {idx: (cache.layers[idx].keys, cache.layers[idx].values) for idx in self_layers}
     for idx, (keys, values) in full.items():
         cache.layers[idx].keys, cache.layers[idx].values = keys[:, :, :-1], values[:, :, :-1]
-    patched = "forward" in vars(model)
-    original = vars(model).get("forward")
+    prefilled = copy.copy(model)
+    forward = model.forward
 
-    def restore() -> None:
-        if patched:
-            model.forward = original
-        else:
-            vars(model).pop("forward", None)
-
-    @functools.wraps(model.forward)  # generate inspects the forward signature
+    @functools.wraps(forward)  # generate inspects the forward signature
     def answer(*args: Any, **kwargs: Any) -> Any:
-        restore()
+        prefilled.forward = forward
         for idx, (keys, values) in full.items():
             cache.layers[idx].keys, cache.layers[idx].values = keys, values
         full.clear()
         return first_step
 
-    model.forward = answer
-    try:
-        yield
-    finally:
-        restore()
-
-
-def _text_model(model: nn.Module) -> nn.Module:
-    from transformers import MllamaForConditionalGeneration
-    from transformers.models.mllama.modeling_mllama import MllamaTextModel
-
-    if not isinstance(model, MllamaForConditionalGeneration):
-        raise TypeError(
-            f"crosstrim.generate needs a transformers MllamaForConditionalGeneration (Llama-3.2-Vision), "
-            f"got {type(model).__name__}"
-        )
-    return next(m for m in model.modules() if isinstance(m, MllamaTextModel))
+    prefilled.forward = answer
+    return prefilled
 
 
 def _check_supported(model: nn.Module, kwargs: dict) -> None:
@@ -252,11 +246,22 @@ def _check_supported(model: nn.Module, kwargs: dict) -> None:
 
 
 def _setting(model: nn.Module, kwargs: dict, name: str) -> Any:
-    """A generate setting as generate resolves it: the keyword, else the passed or the model's generation config."""
+    """A generate setting as generate resolves it: the keyword, else the passed generation config's field
+    where it is set, else the model's generation config's.
+
+    A field is unset when it is ``None`` (transformers 5) or the global default (transformers 4, which
+    cannot tell an explicit default from an unset field either, and fills it from the model's config too).
+    """
     if name in kwargs:
         return kwargs[name]
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    return getattr(config, name, None)
+    from transformers import GenerationConfig
+
+    passed = kwargs.get("generation_config")
+    value = getattr(passed, name, None)
+    if passed is not None and value is not None and value != getattr(GenerationConfig(), name, None):
+        return value
+    own = getattr(getattr(model, "generation_config", None), name, None)
+    return value if own is None else own
 
 
 def _expand_size(model: nn.Module, kwargs: dict) -> int:
@@ -270,11 +275,6 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding, as generate derives them from the attention mask."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
-
-
-def _cache_argument(model: nn.Module) -> str:
-    """The name generate forwards a cache under: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 class _CacheMerger:
@@ -338,9 +338,14 @@ def _merge_stats(parts: list[TrimStats], expand: int, width: int) -> TrimStats:
         return tuple(value for part in parts for value in getattr(part, name) for _ in range(expand))
 
     kept_counts = rows("kept_counts")
-    batch = len(kept_counts)
-    untrimmed = first.cross_layers - first.trimmed_layers
-    slots = first.trimmed_layers * width + untrimmed * first.image_tokens
+    kept_bytes = cross_kv_bytes(
+        first.kv_bytes_per_token,
+        batch=len(kept_counts),
+        cross_layers=first.cross_layers,
+        trimmed_layers=first.trimmed_layers,
+        full_tokens=first.image_tokens,
+        kept_width=width,
+    )
     return dataclasses.replace(
         first,
         kept_indices=rows("kept_indices"),
@@ -348,7 +353,7 @@ def _merge_stats(parts: list[TrimStats], expand: int, width: int) -> TrimStats:
         valid_counts=rows("valid_counts"),
         image_counts=rows("image_counts"),
         kv_bytes_full=sum(part.kv_bytes_full for part in parts) * expand,
-        kv_bytes_kept=batch * slots * first.kv_bytes_per_token,
+        kv_bytes_kept=kept_bytes,
     )
 
 

@@ -22,25 +22,30 @@ is that prediction for a trimmed/full step-time ratio.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-DTYPE_BYTES = {
-    "float32": 4,
-    "fp32": 4,
-    "float": 4,
-    "bfloat16": 2,
-    "bf16": 2,
-    "float16": 2,
-    "fp16": 2,
-    "half": 2,
-    "float8": 1,
-    "fp8": 1,
-    "int8": 1,
+from crosstrim.adapters.mllama import tokens_per_tile
+from crosstrim.core.methods import kept_tokens
+
+# Every dtype name crosstrim accepts (case-insensitive), for model loading and byte counts alike.
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float": torch.float32,
+    "half": torch.float16,
+    "float8": torch.float8_e4m3fn,
+    "fp8": torch.float8_e4m3fn,
+    "int8": torch.int8,
 }
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 def element_size(dtype: str | torch.dtype | int) -> int:
@@ -54,11 +59,26 @@ def element_size(dtype: str | torch.dtype | int) -> int:
     raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
 
 
-def kept_tokens(valid: int, r: float) -> int:
-    """Tokens an exact kept fraction ``r`` keeps of ``valid`` (``ceil``, as :func:`crosstrim.method.budget`)."""
-    if not 0.0 < r <= 1.0:
-        raise ValueError(f"kept fraction must be in (0, 1], got {r}")
-    return max(0, math.ceil(valid * r - 1e-6))
+def trimmed_cross_layers(cross_layers: Sequence[int], trim_first_layer_cache: bool) -> tuple[int, ...]:
+    """The cross layers whose cache holds only kept tokens: every one but the first, which scores with all of
+    them, unless ``trim_first_layer_cache`` (the one definition of which layers are trimmed)."""
+    layers = tuple(sorted(cross_layers))
+    return layers if trim_first_layer_cache else layers[1:]
+
+
+def layer_kv_bytes(batch: int, tokens: int, kv_heads: int, head_dim: int, element_size: int) -> int:
+    """Bytes of keys plus values one attention layer caches for ``tokens`` per sample."""
+    return 2 * batch * tokens * kv_heads * head_dim * element_size
+
+
+def cross_kv_bytes(
+    per_token: int, *, batch: int, cross_layers: int, trimmed_layers: int, full_tokens: int, kept_width: int | None
+) -> int:
+    """Cross-attention KV bytes ``batch`` samples hold: untrimmed layers ``full_tokens`` each, trimmed layers
+    ``kept_width`` (``None``: untrimmed). ``per_token`` is :func:`layer_kv_bytes` of one token; the one
+    formula behind the memory model, :class:`~crosstrim.TrimStats` and the merged stats of generate."""
+    width = full_tokens if kept_width is None else kept_width
+    return batch * ((cross_layers - trimmed_layers) * full_tokens + trimmed_layers * width) * per_token
 
 
 @dataclass(frozen=True)
@@ -133,7 +153,7 @@ class MemoryModel:
     @property
     def tokens_per_tile(self) -> int:
         """Patches of one tile plus its CLS token (1601 for 560 px / patch 14)."""
-        return (self.image_size // self.patch_size) ** 2 + 1
+        return tokens_per_tile(self.image_size, self.patch_size)
 
     @property
     def image_tokens(self) -> int:
@@ -142,7 +162,7 @@ class MemoryModel:
 
     def trimmed_layers(self, trim_first_layer_cache: bool = False) -> int:
         """Cross layers whose cache holds only kept tokens (the first one scores with all of them)."""
-        return self.n_cross if trim_first_layer_cache else self.n_cross - 1
+        return len(trimmed_cross_layers(self.cross_layers, trim_first_layer_cache))
 
     # -- KV cache --------------------------------------------------------------------------------
 
@@ -168,11 +188,14 @@ class MemoryModel:
         ``kept_width`` is the batch's largest kept count (shorter samples are padded to it);
         ``None`` means untrimmed.
         """
-        per_token = self.kv_bytes_per_token(dtype)
-        if kept_width is None:
-            return batch * self.n_cross * full_tokens * per_token
-        trimmed = self.trimmed_layers(trim_first_layer_cache)
-        return batch * ((self.n_cross - trimmed) * full_tokens + trimmed * kept_width) * per_token
+        return cross_kv_bytes(
+            self.kv_bytes_per_token(dtype),
+            batch=batch,
+            cross_layers=self.n_cross,
+            trimmed_layers=self.trimmed_layers(trim_first_layer_cache),
+            full_tokens=full_tokens,
+            kept_width=kept_width,
+        )
 
     def cross_kv_bytes(
         self,
@@ -300,11 +323,6 @@ class MemoryModel:
         return max(0, math.floor((budget_bytes - fixed_bytes) / per_sample))
 
 
-def layer_kv_bytes(batch: int, tokens: int, kv_heads: int, head_dim: int, element_size: int) -> int:
-    """Bytes of keys plus values one attention layer caches for ``tokens`` per sample."""
-    return 2 * batch * tokens * kv_heads * head_dim * element_size
-
-
 def held_kv_bytes(cache, cross_layers) -> KVBytes:
     """Self- and cross-attention bytes a transformers ``DynamicCache`` actually holds (its key and value
     tensors, layer by layer): what :meth:`MemoryModel.kv_bytes` predicts, measured."""
@@ -371,14 +389,17 @@ def preset(name: str) -> MemoryModel:
 
 
 __all__ = [
+    "DTYPES",
     "DTYPE_BYTES",
     "PRESETS",
     "KVBytes",
     "MemoryModel",
+    "cross_kv_bytes",
     "element_size",
     "held_kv_bytes",
     "kept_tokens",
     "layer_kv_bytes",
+    "trimmed_cross_layers",
     "preset",
     "preset_config",
 ]

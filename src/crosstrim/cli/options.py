@@ -1,13 +1,13 @@
 """What the tools share on the command line: option spellings (every command spells them the same way),
-the :class:`~crosstrim.TrimConfig` they describe, the progress bar, the parsers of comma-separated option
-values and plain-text tables."""
+the :class:`~crosstrim.TrimConfig` they describe, the model ``--model`` names, the progress bar, the parsers of
+comma-separated option values and plain-text tables."""
 
 from __future__ import annotations
 
 import argparse
 
-from crosstrim.config import METHODS, TrimConfig
-from crosstrim.evaluation import UserError
+from crosstrim.core import TrimConfig, method_names
+from crosstrim.evaluation import UserError, checkpoint
 from crosstrim.evaluation.sweep import Setting, plan
 
 
@@ -19,6 +19,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
     add_dtype_argument(parser, "model dtype", "auto: bf16 on GPU, fp32 on CPU")
     add_threads_argument(parser)
+
+
+def load_model(model_dir: str | None, device: str = "auto", dtype: str = "auto"):
+    """``(model, processor, name)`` of what ``--model`` names: a checkpoint folder, or the built-in testbed when
+    none is given (the one place the CLI's default model is decided)."""
+    if model_dir:
+        model, processor = checkpoint.load(model_dir, device, dtype)
+        return model, processor, str(model_dir)
+    from crosstrim import testbed
+
+    model, processor = testbed.load(device, dtype)
+    return model, processor, "testbed"
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser, what: str, default: str) -> None:
@@ -37,7 +49,7 @@ def add_trim_arguments(parser: argparse.ArgumentParser) -> None:
     """The trimming flags; their values stay strings for :meth:`TrimConfig.from_options`, the one option parser
     (so ``--k-ratio abc`` is an error naming ``--k-ratio``, as every other bad value is)."""
     group = parser.add_argument_group("trimming")
-    group.add_argument("--method", default="trimmed", choices=METHODS, help="selection rule (default: trimmed)")
+    group.add_argument("--method", default="trimmed", choices=method_names(), help="selection rule (default: trimmed)")
     budget = group.add_mutually_exclusive_group()
     budget.add_argument("--k-ratio", help="per-head top-k ratio, adaptive kept count (default 0.25)")
     budget.add_argument("--keep-ratio", help="exact kept fraction per image")

@@ -1,4 +1,5 @@
-"""The ``crosstrim`` command: one subcommand per module in :mod:`crosstrim.tools`."""
+"""The ``crosstrim`` command: one subcommand per module in :mod:`crosstrim.tools`; the options they share
+are in :mod:`crosstrim.cli.options`."""
 
 from __future__ import annotations
 
@@ -39,7 +40,3 @@ def _set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,10 +7,8 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-Method = Literal["trimmed", "mean", "random", "uniform"]
-METHODS: tuple[str, ...] = ("trimmed", "mean", "random", "uniform")
+from crosstrim.core.methods import get_method, method_names
 
 
 @dataclass(frozen=True)
@@ -29,12 +27,16 @@ class TrimConfig:
     ``1.0`` for either ratio is the identity: nothing is dropped (padding tiles included), so the
     model's outputs are bit-identical to the unpatched model.
 
+    The checks follow the method registry (:mod:`crosstrim.core.methods`): ``method`` is any registered
+    name, ``k_ratio`` is accepted by adaptive methods only, and they default to it.
+
     Attributes:
-        method: ``"trimmed"`` (attention scores, union of per-head top-k; with ``keep_ratio`` the
+        method: a registered method: ``"trimmed"`` (attention scores, union of per-head top-k; with ``keep_ratio`` the
             union is grown head-rank by head-rank until the budget is met), ``"mean"`` (scores
             summed over heads, one global top-k), ``"random"`` (seeded) or ``"uniform"`` (evenly
-            strided positions inside every tile).
-        k_ratio: per-head top-k fraction for ``method="trimmed"``; defaults to 0.25 (the paper's
+            strided positions inside every tile), or one registered with
+            :func:`crosstrim.core.register_method`.
+        k_ratio: per-head top-k fraction for ``method="trimmed"`` (an adaptive method); defaults to 0.25 (the paper's
             main setting) when neither ratio is given.
         keep_ratio: exact kept fraction; required by the baselines.
         seed: seed of the ``random`` baseline. Each sample draws from its own generator, seeded
@@ -47,7 +49,7 @@ class TrimConfig:
         summarize_dropped: not in the paper. Later cross-attention layers also attend one extra token
             per image that stands in for everything it dropped: the mean of the dropped features,
             with its attention logit raised by ``log(dropped count)`` so it receives about the
-            attention they would have had (see :meth:`crosstrim.method.Selection.features`). Without it
+            attention they would have had (see :meth:`crosstrim.core.Selection.features`). Without it
             the kept tokens share all the attention, which skews anything read from attention shares
             (the testbed model over-counts). Costs one cached token per image and layer; needs
             ``trim_first_layer_cache=False``.
@@ -56,7 +58,7 @@ class TrimConfig:
             on a large batch never allocates gigabytes.
     """
 
-    method: Method = "trimmed"
+    method: str = "trimmed"
     k_ratio: float | None = None
     keep_ratio: float | None = None
     seed: int = 0
@@ -65,15 +67,17 @@ class TrimConfig:
     score_chunk_elements: int = 1 << 25
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.method, str) or self.method not in method_names():
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
+        chosen = get_method(self.method)
         if self.k_ratio is not None and self.keep_ratio is not None:
             raise ValueError("give either k_ratio (adaptive, per-head top-k) or keep_ratio (exact budget), not both")
-        if self.method == "trimmed" and self.k_ratio is None and self.keep_ratio is None:
-            object.__setattr__(self, "k_ratio", 0.25)
-        if self.method != "trimmed" and self.k_ratio is not None:
-            raise ValueError(f"k_ratio applies to method='trimmed' only; use keep_ratio with method={self.method!r}")
-        if self.method != "trimmed" and self.keep_ratio is None:
+        if chosen.adaptive and self.k_ratio is None and self.keep_ratio is None:
+            object.__setattr__(self, "k_ratio", chosen.default_k_ratio)
+        if not chosen.adaptive and self.k_ratio is not None:
+            adaptive = ", ".join(repr(name) for name in method_names() if get_method(name).adaptive)
+            raise ValueError(f"k_ratio applies to method={adaptive} only; use keep_ratio with method={self.method!r}")
+        if not chosen.adaptive and self.keep_ratio is None:
             raise ValueError(f"method={self.method!r} needs keep_ratio, e.g. keep_ratio=0.5")
         for name in ("k_ratio", "keep_ratio"):
             value = getattr(self, name)
@@ -112,7 +116,12 @@ class TrimConfig:
     @property
     def needs_scores(self) -> bool:
         """Whether selection reads attention scores (the random/uniform baselines do not)."""
-        return self.method in ("trimmed", "mean") and not self.is_identity
+        return get_method(self.method).needs_scores and not self.is_identity
+
+    @property
+    def needs_seeds(self) -> bool:
+        """Whether selection reads one seed per sample (the random baseline does)."""
+        return get_method(self.method).needs_seeds and not self.is_identity
 
     def describe(self) -> str:
         """A short label such as ``trimmed k=0.25`` for tables and logs."""
@@ -144,7 +153,7 @@ class TrimConfig:
         values = {}
         for key, value in options.items():
             if value is not None:
-                parse = _OPTION_PARSERS.get(str(fields[key].type), _as_given)
+                parse = _OPTION_PARSERS.get(key if key == "method" else str(fields[key].type), _as_given)
                 values[key] = parse(value, names.get(key, key))
         try:
             return cls(**values)
@@ -188,17 +197,17 @@ def _number(value: object, name: str) -> float:
 
 
 def _method(value: object, name: str) -> str:
-    if isinstance(value, str) and value.strip() in METHODS:
+    if isinstance(value, str) and value.strip() in method_names():
         return value.strip()
-    raise ValueError(f"{name}: unknown method {value!r}; choose one of {', '.join(METHODS)}")
+    raise ValueError(f"{name}: unknown method {value!r}; choose one of {', '.join(method_names())}")
 
 
 def _as_given(value: object, name: str) -> object:
     return value
 
 
-# Parser per field annotation (a string: this module uses postponed annotations).
-_OPTION_PARSERS = {"bool": _boolean, "int": _integer, "float | None": _number, "Method": _method}
+# Parser per field annotation (a string: this module uses postponed annotations); ``method`` by name.
+_OPTION_PARSERS = {"bool": _boolean, "int": _integer, "float | None": _number, "method": _method}
 
 
 def _spelled(message: str, names: Mapping[str, str]) -> str:

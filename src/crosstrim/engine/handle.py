@@ -1,20 +1,23 @@
-"""Trimmed Llama on a stock transformers ``Mllama`` model, through forward hooks only.
+"""The engine: Trimmed Llama on a stock transformers model, through forward hooks only.
 
 How it hooks in (no modeling code is copied or replaced, attention stays sdpa):
 
 * the text decoder's pre-hook notes this call's 2-D ``attention_mask`` and cache;
-* the first cross-attention layer's ``q_norm``/``k_norm`` hooks capture the queries and keys the
-  layer itself computes, and the layer's post-hook scores image tokens from them and selects;
+* hooks on the modules that compute the first cross-attention layer's queries and keys (the model
+  adapter names them: ``q_norm``/``k_norm`` in Mllama) capture what the layer itself computes, and
+  the layer's post-hook scores image tokens from them and selects;
 * every later cross-attention layer's pre-hook swaps in the gathered features and the gathered
   cross-attention mask, so its projections and its KV cache cover only kept tokens;
 * at decode steps the selection is read back from the cache object it was stored on, and the
   full-width mask transformers rebuilds every step is gathered the same way.
 
-Per-call state lives in a thread-local :class:`_CallState`, so threads sharing one trimmed model do
-not see each other's calls. Every hook point, attribute and argument read here is checked when the
-model is trimmed, and every prefill checks that each trimmed layer got the gathered features and
-caches the kept width: a transformers release that moves any of them fails loudly, never silently
-runs untrimmed.
+What is specific to a model family (where the decoder and its cross layers are, the capture points,
+the image-slot geometry) comes from its adapter (:mod:`crosstrim.adapters`); the selection from the
+method registry (:mod:`crosstrim.core.methods`). Per-call state lives in a thread-local
+:class:`_CallState`, so threads sharing one trimmed model do not see each other's calls. Every hook
+point, attribute and argument read here is checked when the model is trimmed, and every prefill
+checks that each trimmed layer got the gathered features and caches the kept width: a transformers
+release that moves any of them fails loudly, never silently runs untrimmed.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from crosstrim import memory, method
-from crosstrim import mllama_checks as checks
-from crosstrim.config import TrimConfig
-from crosstrim.stats import FirstLayerScores, TrimStats
+from crosstrim import core
+from crosstrim.adapters import ModelAdapter, adapter_for, drift
+from crosstrim.core import Selection, TrimConfig
+from crosstrim.engine import cache as checks
+from crosstrim.engine.memory import cross_kv_bytes, layer_kv_bytes, trimmed_cross_layers
+from crosstrim.engine.stats import FirstLayerScores, TrimStats
 
-_SELECTION_ATTR = "_crosstrim_selection"
-_HANDLE_ATTR = "_crosstrim_handle"
+# Where a trimmed model keeps its handle (on the text decoder) and a prefill its selection (on its cache).
+HANDLE_ATTR = "_crosstrim_handle"
+SELECTION_ATTR = "_crosstrim_selection"
 
 
 @dataclass
@@ -48,7 +54,7 @@ class _Step:
     images: bool = False  # the call carries image features (a prefill)
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
-    selection: method.Selection | None = None  # the prefill's, also stored on its cache for the decode steps
+    selection: Selection | None = None  # the prefill's, also stored on its cache for the decode steps
     prefill: bool = False
     gathered: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
     received: set[int] = field(default_factory=set)  # later layers that got the gathered features
@@ -79,30 +85,29 @@ class TrimHandle:
     """
 
     def __init__(self, model: nn.Module, config: TrimConfig) -> None:
-        text = checks.text_model(model)
-        if getattr(text, _HANDLE_ATTR, None) is not None:
+        adapter = adapter_for(model)
+        text = adapter.decoder(model)
+        if getattr(text, HANDLE_ATTR, None) is not None:
             raise ValueError("this model is already trimmed; call handle.remove() before trimming it again")
-        layers = sorted(int(i) for i in (text.config.cross_attention_layers or []))
-        if not layers:
-            raise ValueError("this Mllama model has no cross-attention layers, so there is nothing to trim")
-        checks.check_layout(text, layers)
-        vision = model.config.vision_config
+        layers = adapter.cross_layers(text)
         self.model = model
         self.config = config
         self.record_scores = False
+        self.adapter: ModelAdapter = adapter
         self._text = text
         self._layers = layers
         # Layers whose cache holds only the kept tokens after prefill (and whose decode masks are gathered).
-        self._trimmed = layers if config.trim_first_layer_cache else layers[1:]
-        self._segment = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+        self._trimmed = list(trimmed_cross_layers(layers, config.trim_first_layer_cache))
+        self._segment = adapter.image_slot_tokens(model)
         self._calls = _CallState()
         first = text.layers[layers[0]]
+        query, key = adapter.capture_points(text, layers[0])
         # Bound methods (not closures), so that copy.deepcopy(model) binds the copy's hooks to its own handle.
         self._hooks = [
             text.register_forward_pre_hook(self._begin, with_kwargs=True),
             text.register_forward_hook(self._end, with_kwargs=True, always_call=True),
-            first.cross_attn.q_norm.register_forward_hook(self._capture_query),
-            first.cross_attn.k_norm.register_forward_hook(self._capture_key),
+            query.register_forward_hook(self._capture_query),
+            key.register_forward_hook(self._capture_key),
             first.register_forward_hook(self._select, with_kwargs=True),
         ]
         for idx in self._trimmed:
@@ -110,12 +115,27 @@ class TrimHandle:
             self._hooks.append(text.layers[idx].register_forward_pre_hook(gather, with_kwargs=True))
         self._own_generate = model.__dict__.get("generate")
         model.generate = self._generate
-        setattr(text, _HANDLE_ATTR, self)
+        setattr(text, HANDLE_ATTR, self)
 
     @staticmethod
     def of(model: nn.Module) -> TrimHandle | None:
         """The handle trimming ``model`` (e.g. a ``copy.deepcopy`` of a trimmed model), or ``None``."""
-        return getattr(checks.text_model(model), _HANDLE_ATTR, None)
+        return getattr(adapter_for(model).decoder(model), HANDLE_ATTR, None)
+
+    @property
+    def cross_layers(self) -> list[int]:
+        """The decoder's cross-attention layers, ascending (the first one scores and selects)."""
+        return list(self._layers)
+
+    @property
+    def trimmed_layers(self) -> list[int]:
+        """The cross layers whose cache holds only the kept tokens after prefill."""
+        return list(self._trimmed)
+
+    def record(self, stats: TrimStats | None, scores: FirstLayerScores | None) -> None:
+        """Set the calling thread's last-prefill ``stats`` and ``scores`` (``crosstrim.generate`` records the
+        merged ones of its micro-batched prefill)."""
+        self._calls.stats, self._calls.scores = stats, scores
 
     @property
     def stats(self) -> TrimStats | None:
@@ -155,8 +175,8 @@ class TrimHandle:
                 del self.model.generate
             else:
                 self.model.generate = self._own_generate
-        if getattr(self._text, _HANDLE_ATTR, None) is self:
-            setattr(self._text, _HANDLE_ATTR, None)
+        if getattr(self._text, HANDLE_ATTR, None) is self:
+            setattr(self._text, HANDLE_ATTR, None)
 
     @property
     def active(self) -> bool:
@@ -192,6 +212,8 @@ class TrimHandle:
             checks.check_cache(cache, self._layers)
         ids = kwargs.get("input_ids", args[0] if args else None)
         images = kwargs.get("cross_attention_states") is not None
+        if not images and (cache is None or not _cached_length(cache)):
+            self.record(None, None)  # a text-only prefill: the stats of an earlier image prefill are not its own
         self._calls.step = _Step(attention_mask=kwargs.get("attention_mask"), cache=cache, input_ids=ids, images=images)
 
     def _capture_query(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -211,7 +233,7 @@ class TrimHandle:
             return  # decode step: the first layer reads its cache
         scoring = self.config.needs_scores or self.record_scores
         if scoring and (step.query is None or step.key is None):
-            raise checks.drift("the first cross-attention layer ran without calling `cross_attn.q_norm` / `k_norm`")
+            raise drift("the first cross-attention layer ran without calling `cross_attn.q_norm` / `k_norm`")
         mask = kwargs.get("cross_attention_mask")
         if mask is None:
             raise ValueError(
@@ -226,19 +248,19 @@ class TrimHandle:
         # live: select on that device.
         device = step.key.device if step.key is not None else mask.device
         mask = mask.to(device)
-        rows = method.scoring_rows(
+        rows = core.scoring_rows(
             kwargs.get("full_text_row_masked_out_mask"), step.attention_mask, batch, length, device
         )
-        valid = method.valid_tokens(mask, rows)
+        valid = core.valid_tokens(mask, rows)
         scores = None
         if scoring:
-            attn, chunk = layer.cross_attn, self.config.score_chunk_elements
-            scores = method.attention_scores(step.query, step.key, mask, rows, attn.scaling, chunk)
+            scaling, chunk = self.adapter.scaling(self._text, self._layers[0]), self.config.score_chunk_elements
+            scores = core.attention_scores(step.query, step.key, mask, rows, scaling, chunk)
         self._calls.scores = FirstLayerScores(self._layers[0], scores, valid) if self.record_scores else None
         keep = torch.ones_like(valid) if self.config.is_identity else self._select_per_image(scores, valid, tokens)
         # A sample with no image keeps nothing: the batch keeps its trimmed width (README, "Batches").
         dropped = valid & ~keep if self.config.summarize_dropped and not self.config.is_identity else None
-        step.selection = method.Selection.from_keep(keep, self._images(tokens), dropped)
+        step.selection = Selection.from_keep(keep, self._images(tokens), dropped)
         step.prefill = True
         step.query = step.key = None
         valid_counts = valid.sum(-1).tolist()
@@ -249,7 +271,7 @@ class TrimHandle:
         cache = checks.cache_of(kwargs)
         step.cache = step.cache if cache is None else cache
         if step.cache is not None:
-            setattr(step.cache, _SELECTION_ATTR, step.selection)
+            setattr(step.cache, SELECTION_ATTR, step.selection)
 
     def _select_per_image(self, scores: torch.Tensor | None, valid: torch.Tensor, tokens: int) -> torch.Tensor:
         """Apply the budget per image, so every image keeps its share (one image: the paper's rule)."""
@@ -259,16 +281,16 @@ class TrimHandle:
         if scores is not None:
             heads = scores.shape[1]
             flat_scores = scores.view(batch, heads, images, seg).transpose(1, 2).reshape(batch * images, heads, seg)
-        seeds = self._random_seeds(valid.view(batch, images, seg)) if self.config.method == "random" else None
-        keep = method.select(self.config, flat_scores, valid.reshape(batch * images, seg), seeds)
+        seeds = self._seeds(valid.view(batch, images, seg)) if self.config.needs_seeds else None
+        keep = core.select(self.config, flat_scores, valid.reshape(batch * images, seg), seeds)
         return keep.reshape(batch, tokens)
 
     def _images(self, tokens: int) -> int:
         """Image slots in a row of ``tokens`` image tokens (one when the layout is not the model's)."""
         return tokens // self._segment if tokens % self._segment == 0 else 1
 
-    def _random_seeds(self, valid: torch.Tensor) -> list[int]:
-        """One seed per (sample, image slot) for the random baseline, from the sample alone.
+    def _seeds(self, valid: torch.Tensor) -> list[int]:
+        """One seed per (sample, image slot) for a method that needs seeds (the random baseline), from the sample alone.
 
         A sample's seed hashes ``config.seed``, its non-padding prompt token ids and its valid-token
         layout (image slots past its last image, which only the batch adds, are left out), so the
@@ -279,8 +301,8 @@ class TrimHandle:
         step = self._calls.step
         if step is None or step.input_ids is None:
             raise ValueError(
-                "method='random' seeds every sample from its token ids; call the model with input_ids "
-                "(not inputs_embeds)"
+                f"method={self.config.method!r} seeds every sample from its token ids; call the model with "
+                "input_ids (not inputs_embeds)"
             )
         batch, images, _ = valid.shape
         ids = step.input_ids.cpu()
@@ -292,8 +314,8 @@ class TrimHandle:
         for b in range(batch):
             used = valid[b].any(dim=-1).nonzero()
             layout = valid[b, : int(used.max()) + 1 if used.numel() else 0].flatten().tolist()
-            sample = method.derive_seed(self.config.seed, ids[b][real[b]].tolist(), layout)
-            seeds += [method.derive_seed(sample, (image,)) for image in range(images)]
+            sample = core.derive_seed(self.config.seed, ids[b][real[b]].tolist(), layout)
+            seeds += [core.derive_seed(sample, (image,)) for image in range(images)]
         return seeds
 
     def _gather(self, idx: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -306,12 +328,12 @@ class TrimHandle:
                 return None  # the first layer scores with every token
             selection = step.selection
             if selection is None:
-                raise checks.drift(f"cross-attention layer {idx} got image features but the first one did not select")
+                raise drift(f"cross-attention layer {idx} got image features but the first one did not select")
             step.received.add(idx)
         elif step.prefill:
-            raise checks.drift(f"cross-attention layer {idx} got no `cross_attention_states` keyword during prefill")
+            raise drift(f"cross-attention layer {idx} got no `cross_attention_states` keyword during prefill")
         else:
-            selection = getattr(step.cache, _SELECTION_ATTR, None)
+            selection = getattr(step.cache, SELECTION_ATTR, None)
             if selection is None:
                 self._check_untrimmed(idx, checks.cache_of(kwargs), kwargs.get("cross_attention_mask"))
                 return None  # a cache filled before trimming holds every token
@@ -345,7 +367,7 @@ class TrimHandle:
         layers = getattr(cache, "layers", None)
         keys = getattr(layers[idx], "keys", None) if layers is not None and idx < len(layers) else None
         if keys is not None and keys.shape[-2] != mask.shape[-1]:
-            raise checks.drift(
+            raise drift(
                 f"at a decode step, cross-attention layer {idx} caches {keys.shape[-2]} image tokens but the cache "
                 f"object carries no crosstrim selection (mask over {mask.shape[-1]}): the cache was replaced"
             )
@@ -364,14 +386,12 @@ class TrimHandle:
         if step is None or output is None:
             return  # output is None when the forward raised: dropping the step released its tensors
         if step.images and step.selection is None:
-            raise checks.drift(
-                f"the first cross-attention layer ({self._layers[0]}) got no `cross_attention_states` keyword"
-            )
+            raise drift(f"the first cross-attention layer ({self._layers[0]}) got no `cross_attention_states` keyword")
         if not step.prefill or self.config.is_identity:
             return
         later = [idx for idx in self._layers[1:] if idx not in step.received]
         if later:
-            raise checks.drift(f"cross-attention layers {later} did not receive the gathered image features")
+            raise drift(f"cross-attention layers {later} did not receive the gathered image features")
         if step.cache is None:
             return  # use_cache=False: nothing is kept
         selection = step.selection
@@ -382,7 +402,7 @@ class TrimHandle:
         for idx in self._trimmed:
             keys, values = checks.cached_kv(step.cache, idx)
             if keys.shape[-2] != selection.width or values.shape[-2] != selection.width:
-                raise checks.drift(
+                raise drift(
                     f"after prefill, cross-attention layer {idx} caches {keys.shape[-2]} image tokens, "
                     f"not the {selection.width} kept"
                 )
@@ -390,16 +410,13 @@ class TrimHandle:
     # -- accounting ------------------------------------------------------------------------------
 
     def _stats(
-        self, selection: method.Selection, kept: list[int], valid: list[int], images: list[int], dtype: torch.dtype
+        self, selection: Selection, kept: list[int], valid: list[int], images: list[int], dtype: torch.dtype
     ) -> TrimStats:
-        batch = len(kept)
-        text_config = self._text.config
-        kv_heads = text_config.num_key_value_heads
-        head_dim = text_config.hidden_size // text_config.num_attention_heads
-        size = torch.empty((), dtype=dtype).element_size()
-        full = memory.layer_kv_bytes(batch, selection.full_tokens, kv_heads, head_dim, size)
-        slim = memory.layer_kv_bytes(batch, selection.width, kv_heads, head_dim, size)
-        trimmed = len(self._layers) - (0 if self.config.trim_first_layer_cache else 1)
+        per_token = layer_kv_bytes(1, 1, *self.adapter.kv_shape(self._text), dtype.itemsize)
+        layers, trimmed = len(self._layers), len(self._trimmed)
+        held = functools.partial(
+            cross_kv_bytes, per_token, batch=len(kept), cross_layers=layers, full_tokens=selection.full_tokens
+        )
         index_cpu = selection.index.cpu()
         return TrimStats(
             method=self.config.describe(),
@@ -409,13 +426,19 @@ class TrimHandle:
             image_tokens=selection.full_tokens,
             cross_layers=len(self._layers),
             trimmed_layers=trimmed,
-            kv_bytes_full=full * len(self._layers),
-            kv_bytes_kept=slim * trimmed + full * (len(self._layers) - trimmed),
-            kv_bytes_per_token=memory.layer_kv_bytes(1, 1, kv_heads, head_dim, size),
+            kv_bytes_full=held(trimmed_layers=0, kept_width=None),
+            kv_bytes_kept=held(trimmed_layers=trimmed, kept_width=selection.width),
+            kv_bytes_per_token=per_token,
             summary_tokens=selection.summary_slots,
             image_counts=tuple(images),
             image_slots=selection.images,
         )
+
+
+def _cached_length(cache: Any) -> int:
+    """Tokens ``cache`` already holds (0 for a prefill's fresh cache)."""
+    length = getattr(cache, "get_seq_length", None)
+    return int(length()) if callable(length) else 0
 
 
 def trim(model: nn.Module, config: TrimConfig | None = None) -> TrimHandle:
