@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 
 PROMPT = "<|image|> what is in the image ?"
+# For chat requests (vllm_serve_load.py): image content becomes <|image|>, as in Llama-3.2-Vision's template.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|image|> {% else %}{{ part['text'] }} {% endif %}{% endfor %}{% endfor %}"
+)
 NEW_TOKENS = 48
 
 
@@ -36,6 +41,7 @@ def build_checkpoint(path: Path) -> None:
         text_hidden=4096, text_layers=5, cross_attention_layers=(3,), heads=32, kv_heads=8,
     )  # fmt: skip
     model, processor = tiny.random_model(seed=0, gate=0.5, **config)
+    processor.tokenizer.chat_template = CHAT_TEMPLATE
     model.save_pretrained(path)
     processor.save_pretrained(path)
 
