@@ -359,6 +359,17 @@ def test_a_layer_that_does_not_get_the_features_by_keyword_fails_loudly(fresh, b
         assert all(k < v for k, v in zip(handle.stats.kept_counts, handle.stats.valid_counts))
 
 
+def test_image_features_that_are_not_whole_image_slots_fail_loudly(model):
+    """Budgets are per image slot; a row of image tokens that is not whole slots (a layout crosstrim does not
+    know) is refused, never read as one image."""
+    vision = model.config.vision_config
+    slot = vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+    with crosstrim.trimmed(model, CONFIG) as handle:
+        assert handle._images(2 * slot) == 2
+        with pytest.raises(RuntimeError, match=rf"{DRIFT}.*{slot + 1} image tokens per sample"):
+            handle._images(slot + 1)
+
+
 def test_a_cache_that_does_not_hold_the_kept_width_fails_loudly(fresh, batch):
     later = cross_layers(fresh)[-1]
 

@@ -56,7 +56,7 @@ class _Step:
     key: torch.Tensor | None = None
     selection: Selection | None = None  # the prefill's, also stored on its cache for the decode steps
     prefill: bool = False
-    gathered: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+    gathered: dict[tuple[str, torch.device], torch.Tensor] = field(default_factory=dict)
     received: set[int] = field(default_factory=set)  # later layers that got the gathered features
 
 
@@ -345,8 +345,13 @@ class TrimHandle:
         return keep.reshape(batch, tokens)
 
     def _images(self, tokens: int) -> int:
-        """Image slots in a row of ``tokens`` image tokens (one when the layout is not the model's)."""
-        return tokens // self._segment if tokens % self._segment == 0 else 1
+        """Image slots in a row of ``tokens`` image tokens; a row that is not whole image slots is drift."""
+        if tokens % self._segment:
+            raise drift(
+                f"the cross-attention states hold {tokens} image tokens per sample, not a multiple of one image "
+                f"slot's {self._segment} (max_num_tiles x tokens per tile): crosstrim cannot tell the images apart"
+            )
+        return tokens // self._segment
 
     def _seeds(self, valid: torch.Tensor) -> list[int]:
         """One seed per (sample, image slot) for a method that needs seeds (the random baseline), from the sample alone.
@@ -413,10 +418,10 @@ class TrimHandle:
                     f"cross_attention_mask covers {mask.shape[-1]} image tokens but the prefill had "
                     f"{selection.full_tokens}; start a new generation for a new image"
                 )
-            kwargs["cross_attention_mask"] = self._shared(step, 0, device, lambda: selection.mask(mask))
+            kwargs["cross_attention_mask"] = self._shared(step, "mask", device, lambda: selection.mask(mask))
         if states is not None:
             flat = states.reshape(hidden.shape[0], -1, states.shape[-1])
-            kwargs["cross_attention_states"] = self._shared(step, 1, device, lambda: selection.features(flat))
+            kwargs["cross_attention_states"] = self._shared(step, "features", device, lambda: selection.features(flat))
         return args, kwargs
 
     @staticmethod
@@ -433,9 +438,10 @@ class TrimHandle:
             )
 
     @staticmethod
-    def _shared(step: _Step, slot: int, device: torch.device, make) -> torch.Tensor:
-        """Compute a gathered tensor once per forward and device; all later layers reuse it."""
-        key = (slot, device)
+    def _shared(step: _Step, what: str, device: torch.device, make) -> torch.Tensor:
+        """Compute the gathered ``what`` (``"mask"`` or ``"features"``) once per forward and device; all later
+        layers reuse it."""
+        key = (what, device)
         if key not in step.gathered:
             step.gathered[key] = make().to(device)
         return step.gathered[key]
