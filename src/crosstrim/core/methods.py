@@ -113,6 +113,21 @@ def derive_seed(seed: int, *parts: Sequence[int]) -> int:
     return int.from_bytes(digest.digest(), "little") >> 1
 
 
+def sample_seeds(seed: int, token_ids: Sequence[int], valid: torch.Tensor) -> list[int]:
+    """One seed per image slot of one sample, for a method that needs seeds (the random baseline).
+
+    ``token_ids`` are the sample's non-padding prompt ids and ``valid`` its ``(image slots, tokens per slot)``
+    valid tokens. The sample's seed hashes ``seed``, the ids and the valid-token layout up to its last image
+    (slots past it, which only a batch adds, are left out); each slot's seed hashes that and the slot's
+    index. Every integration derives seeds here, so a sample keeps the same tokens in any batch, padding,
+    process or engine (transformers hooks and the vLLM model alike).
+    """
+    used = valid.any(dim=-1).nonzero()
+    layout = valid[: int(used.max()) + 1 if used.numel() else 0].flatten().tolist()
+    sample = derive_seed(seed, [int(t) for t in token_ids], layout)
+    return [derive_seed(sample, (image,)) for image in range(valid.shape[0])]
+
+
 def random_keep(valid: torch.Tensor, keep_ratio: float, seeds: Sequence[int]) -> torch.Tensor:
     """Baseline: ``ceil(keep_ratio * valid)`` valid tokens drawn uniformly, row ``b`` from ``seeds[b]``.
 
@@ -305,6 +320,7 @@ __all__ = [
     "method_names",
     "random_keep",
     "register_method",
+    "sample_seeds",
     "select",
     "union_budget",
     "union_topk",

@@ -354,13 +354,10 @@ class TrimHandle:
         return tokens // self._segment
 
     def _seeds(self, valid: torch.Tensor) -> list[int]:
-        """One seed per (sample, image slot) for a method that needs seeds (the random baseline), from the sample alone.
-
-        A sample's seed hashes ``config.seed``, its non-padding prompt token ids and its valid-token
-        layout (image slots past its last image, which only the batch adds, are left out), so the
-        same sample keeps the same tokens in any batch, with any padding, in any process, however
-        often the model ran before. Beams and ``num_return_sequences`` copies share their sample's ids,
-        hence its selection.
+        """One seed per (sample, image slot) for a method that needs seeds (the random baseline), from the sample alone
+        (:func:`crosstrim.core.sample_seeds` of its non-padding prompt ids and its valid tokens), so the same
+        sample keeps the same tokens in any batch, with any padding, in any process, however often the model
+        ran before. Beams and ``num_return_sequences`` copies share their sample's ids, hence its selection.
         """
         step = self._calls.step
         if step is None or step.input_ids is None:
@@ -368,20 +365,14 @@ class TrimHandle:
                 f"method={self.config.method!r} seeds every sample from its token ids; call the model with "
                 "input_ids (not inputs_embeds)"
             )
-        batch, images, _ = valid.shape
         ids = step.input_ids.cpu()
         real = torch.ones_like(ids, dtype=torch.bool)
         mask = _real_tokens(step.attention_mask, ids.shape[1])
         if mask is not None:
             real = mask.cpu()
         valid = valid.cpu()
-        seeds = []
-        for b in range(batch):
-            used = valid[b].any(dim=-1).nonzero()
-            layout = valid[b, : int(used.max()) + 1 if used.numel() else 0].flatten().tolist()
-            sample = core.derive_seed(self.config.seed, ids[b][real[b]].tolist(), layout)
-            seeds += [core.derive_seed(sample, (image,)) for image in range(images)]
-        return seeds
+        seed = self.config.seed
+        return [s for b in range(valid.shape[0]) for s in core.sample_seeds(seed, ids[b][real[b]].tolist(), valid[b])]
 
     def _gather(self, idx: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         step = self._calls.step

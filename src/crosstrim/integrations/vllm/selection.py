@@ -49,9 +49,6 @@ def keep_indices(
     needs seeds (the random baseline) gets one from the prompt's token ids and the image layout, as the
     transformers path derives it for a sample with one image, so both draw the same tokens.
     """
-    seeds = None
-    if config.needs_seeds:
-        sample = core.derive_seed(config.seed, [int(i) for i in prompt_ids], valid.to(torch.long).tolist())
-        seeds = [core.derive_seed(sample, (0,))]
+    seeds = core.sample_seeds(config.seed, prompt_ids, valid[None].cpu()) if config.needs_seeds else None
     keep = core.select(config, head_scores, valid[None], seeds)[0]
     return keep.nonzero().flatten()
