@@ -57,6 +57,7 @@ from vllm.multimodal.processing import (
     PromptUpdate,
 )
 
+from crosstrim.adapters.mllama import tokens_per_tile
 from crosstrim.core import TrimConfig
 from crosstrim.integrations.vllm import selection, settings
 
@@ -82,7 +83,7 @@ class MllamaProcessingInfo(BaseProcessingInfo):
 
     def slots(self, tiles: int) -> int:
         vision = self.get_hf_config().vision_config
-        return settings.image_slots(tiles, settings.tokens_per_tile(vision), self.trim_config())
+        return settings.image_slots(tiles, tokens_per_tile(vision.image_size, vision.patch_size), self.trim_config())
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         return {"image": self.slots(self.get_hf_config().vision_config.max_num_tiles)}
@@ -389,7 +390,7 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         config = vllm_config.model_config.hf_config
         vision, text = config.vision_config, config.text_config
         self.trim = settings.trim_config(config)
-        self.tokens_per_tile = settings.tokens_per_tile(vision)
+        self.tokens_per_tile = tokens_per_tile(vision.image_size, vision.patch_size)
         self.max_tiles = vision.max_num_tiles
         settings.check_budget(self.tokens_per_tile, self.trim)
         self.image_token = config.image_token_index

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
-from crosstrim.core import TrimConfig, budget
+from crosstrim.core import TrimConfig, kept_tokens
 
 CONFIG_KEY = "crosstrim"
 # Options a vLLM config may set; the rest of TrimConfig is fixed by how vLLM allocates slots.
@@ -54,11 +52,6 @@ def trim_config(hf_config: object) -> TrimConfig | None:
     return None if config.is_identity else config
 
 
-def tokens_per_tile(vision_config: object) -> int:
-    """Image tokens one tile makes: the patch grid plus a CLS token (1601 for the 560 px checkpoints)."""
-    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
-
-
 def image_slots(tiles: int, per_tile: int, config: TrimConfig | None) -> int:
     """Cross-attention KV slots an image of ``tiles`` real tiles takes: its valid tokens, or their budget.
 
@@ -66,9 +59,7 @@ def image_slots(tiles: int, per_tile: int, config: TrimConfig | None) -> int:
     that attend them (text before ``<|image|>``) are computed at prefill from the full encoder output.
     """
     valid = tiles * per_tile
-    if config is None:
-        return valid
-    return int(budget(torch.tensor([valid]), config.keep_ratio)[0])
+    return valid if config is None else kept_tokens(valid, config.keep_ratio)
 
 
 def check_budget(per_tile: int, config: TrimConfig | None) -> None:
